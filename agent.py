@@ -1,0 +1,1295 @@
+"""taskscheduler agent: runs the server's periodic shell commands on this host.
+
+The agent is one file on purpose, so that it can be copied to a host alone. It needs
+only requests, schedule and croniter, and never imports the server's modules. Its parts,
+in reading order:
+
+- frequency parsing (also used by the server to validate tasks),
+- the state store (agent id, task list, run records, the report outbox),
+- the task scheduler (turns task slots into one-shot `schedule` jobs),
+- the runner (runs one command through the host's shell),
+- the server client, the report sender and the sync loop,
+- the push listener (an optional HTTP endpoint the server pushes new tasks to),
+- the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import http.server
+import json
+import logging
+import os
+import platform
+import queue
+import random
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Optional
+
+import requests
+import schedule
+from croniter import croniter
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("taskscheduler.agent")
+
+UTC = dt.timezone.utc
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=UTC)
+AGENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+ON_WINDOWS = os.name == "nt"
+
+
+# ---------------------------------------------------------------------------
+# Time helpers
+# ---------------------------------------------------------------------------
+
+
+class Clock:
+    """The wall clock, read through one object so that tests can replace it."""
+
+    def now(self) -> dt.datetime:
+        return dt.datetime.now(UTC)
+
+
+def format_time(instant: Optional[dt.datetime]) -> Optional[str]:
+    """Format an aware datetime as RFC 3339 in UTC, with a trailing Z."""
+    if instant is None:
+        return None
+    instant = instant.astimezone(UTC)
+    timespec = "seconds" if instant.microsecond == 0 else "microseconds"
+    return instant.replace(tzinfo=None).isoformat(timespec=timespec) + "Z"
+
+
+def parse_time(text: str) -> dt.datetime:
+    """Parse an RFC 3339 timestamp with an offset (or Z) into an aware UTC datetime.
+
+    Raises ValueError for anything else, including a timestamp without an offset.
+    """
+    if not isinstance(text, str):
+        raise ValueError("expected an RFC 3339 string such as 2026-01-01T12:00:00Z")
+    normalized = text.strip()
+    if normalized[-1:] in ("Z", "z"):
+        normalized = normalized[:-1] + "+00:00"
+    try:
+        instant = dt.datetime.fromisoformat(normalized)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not an RFC 3339 timestamp such as 2026-01-01T12:00:00Z"
+        ) from None
+    if instant.tzinfo is None:
+        raise ValueError(f"{text!r} has no UTC offset; add Z or an offset such as +02:00")
+    return instant.astimezone(UTC)
+
+
+# ---------------------------------------------------------------------------
+# Frequencies
+# ---------------------------------------------------------------------------
+
+
+class FrequencyError(ValueError):
+    """A frequency string that is not one of the accepted forms."""
+
+
+ACCEPTED_FORMS = (
+    "a 5-field cron expression such as '*/5 * * * *' or '0 9 * * MON-FRI', "
+    "a macro (@hourly, @daily, @weekly, @monthly, @yearly), "
+    "or an interval such as 'every 30 seconds', 'every 5 minutes', '30s', '1h30m' or '@every 10s'"
+)
+
+CRON_MACROS = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+
+# (name, lowest value, highest value, names allowed) for the five cron fields.
+CRON_FIELDS = (
+    ("minute", 0, 59, ()),
+    ("hour", 0, 23, ()),
+    ("day of month", 1, 31, ()),
+    ("month", 1, 12, ("jan", "feb", "mar", "apr", "may", "jun",
+                      "jul", "aug", "sep", "oct", "nov", "dec")),
+    ("day of week", 0, 7, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")),
+)
+
+UNIT_SECONDS = {
+    "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1,
+    "m": 60, "min": 60, "mins": 60, "minute": 60, "minutes": 60,
+    "h": 3600, "hr": 3600, "hrs": 3600, "hour": 3600, "hours": 3600,
+    "d": 86400, "day": 86400, "days": 86400,
+}
+COMPACT_INTERVAL = re.compile(r"^(?:\d+(?:s|m|h|d))+$")
+COMPACT_PART = re.compile(r"(\d+)(s|m|h|d)")
+WORDY_INTERVAL = re.compile(r"^every\s+(?:(\d+)\s+)?([a-z]+)$")
+MAX_INTERVAL_SECONDS = 366 * 86400
+# Leap-day schedules fire every 4 years, and 8 years apart across 2100, so the search
+# for the next fire time must look at least that far ahead.
+CRON_SEARCH_YEARS = 9
+
+
+class Frequency:
+    """How often a task fires. Slots are the instants a task is due, in UTC."""
+
+    text: str
+
+    def next_after(self, instant: dt.datetime) -> dt.datetime:
+        """Return the first slot strictly after `instant`."""
+        raise NotImplementedError
+
+    def latest_at_or_before(self, instant: dt.datetime) -> dt.datetime:
+        """Return the newest slot at or before `instant`."""
+        raise NotImplementedError
+
+    def next_slots(self, instant: dt.datetime, count: int) -> list[dt.datetime]:
+        slots = []
+        for _ in range(count):
+            instant = self.next_after(instant)
+            slots.append(instant)
+        return slots
+
+
+@dataclasses.dataclass(frozen=True)
+class IntervalFrequency(Frequency):
+    """Fires every `seconds`, on multiples of the interval counted from the Unix epoch."""
+
+    text: str
+    seconds: int
+
+    def next_after(self, instant: dt.datetime) -> dt.datetime:
+        elapsed = (instant - EPOCH) // dt.timedelta(seconds=self.seconds)
+        return EPOCH + dt.timedelta(seconds=(elapsed + 1) * self.seconds)
+
+    def latest_at_or_before(self, instant: dt.datetime) -> dt.datetime:
+        elapsed = (instant - EPOCH) // dt.timedelta(seconds=self.seconds)
+        return EPOCH + dt.timedelta(seconds=elapsed * self.seconds)
+
+
+@dataclasses.dataclass(frozen=True)
+class CronFrequency(Frequency):
+    """Fires on the ticks of a 5-field cron expression, read in UTC.
+
+    Day-of-month and day-of-week follow Vixie cron: when both are restricted (neither
+    starts with `*`) a day matches if either field matches, otherwise both must match.
+    """
+
+    text: str
+    expression: str
+
+    def _iterator(self, start: dt.datetime, is_prev: bool = False) -> croniter:
+        fields = self.expression.split()
+        day_or = not (fields[2].startswith("*") or fields[4].startswith("*"))
+        return croniter(
+            self.expression,
+            start,
+            ret_type=dt.datetime,
+            day_or=day_or,
+            is_prev=is_prev,
+            max_years_between_matches=CRON_SEARCH_YEARS,
+        )
+
+    def next_after(self, instant: dt.datetime) -> dt.datetime:
+        return self._iterator(instant.astimezone(UTC)).get_next(dt.datetime).astimezone(UTC)
+
+    def latest_at_or_before(self, instant: dt.datetime) -> dt.datetime:
+        # croniter's get_prev is strictly before its start, so start one second later;
+        # cron ticks are whole minutes, so no tick lies between.
+        start = instant.astimezone(UTC).replace(microsecond=0) + dt.timedelta(seconds=1)
+        return self._iterator(start, is_prev=True).get_prev(dt.datetime).astimezone(UTC)
+
+
+def parse_frequency(text: object) -> Frequency:
+    """Parse a frequency string into a Frequency, or raise FrequencyError.
+
+    Accepted: 5-field cron expressions with Vixie semantics and month and weekday names,
+    the macros @hourly, @daily (@midnight), @weekly, @monthly and @yearly (@annually),
+    and intervals ('every 30 seconds', 'every minute', '30s', '1h30m', '@every 10s').
+    """
+    if not isinstance(text, str):
+        raise FrequencyError(f"frequency must be a string: {ACCEPTED_FORMS}")
+    normalized = " ".join(text.strip().lower().split())
+    if not normalized:
+        raise FrequencyError(f"frequency is empty: use {ACCEPTED_FORMS}")
+
+    if normalized.startswith("@every "):
+        seconds = _parse_compact_interval(normalized[len("@every "):].replace(" ", ""), text)
+        return IntervalFrequency(text=text, seconds=seconds)
+    if normalized.startswith("every"):
+        return IntervalFrequency(text=text, seconds=_parse_wordy_interval(normalized, text))
+    if COMPACT_INTERVAL.match(normalized):
+        return IntervalFrequency(text=text, seconds=_parse_compact_interval(normalized, text))
+    if normalized.startswith("@"):
+        if normalized not in CRON_MACROS:
+            raise FrequencyError(
+                f"unknown macro {text.strip()!r}: use {ACCEPTED_FORMS}"
+            )
+        return CronFrequency(text=text, expression=CRON_MACROS[normalized])
+    return CronFrequency(text=text, expression=_validate_cron(normalized, text))
+
+
+def _check_interval(seconds: int, text: str) -> int:
+    if seconds < 1:
+        raise FrequencyError(f"interval {text!r} is shorter than 1 second")
+    if seconds > MAX_INTERVAL_SECONDS:
+        raise FrequencyError(
+            f"interval {text!r} is longer than 366 days; use a cron expression instead"
+        )
+    return seconds
+
+
+def _parse_compact_interval(compact: str, text: str) -> int:
+    if not COMPACT_INTERVAL.match(compact):
+        raise FrequencyError(
+            f"invalid interval {text!r}: write it as 30s, 5m, 1h30m or 2d: {ACCEPTED_FORMS}"
+        )
+    seconds = sum(int(number) * UNIT_SECONDS[unit] for number, unit in COMPACT_PART.findall(compact))
+    return _check_interval(seconds, text)
+
+
+def _parse_wordy_interval(normalized: str, text: str) -> int:
+    match = WORDY_INTERVAL.match(normalized)
+    if not match or match.group(2) not in UNIT_SECONDS:
+        raise FrequencyError(
+            f"invalid interval {text!r}: write it as 'every N seconds|minutes|hours|days' "
+            f"or 'every minute': {ACCEPTED_FORMS}"
+        )
+    count = int(match.group(1)) if match.group(1) is not None else 1
+    return _check_interval(count * UNIT_SECONDS[match.group(2)], text)
+
+
+def _validate_cron(normalized: str, text: str) -> str:
+    """Check a cron expression field by field and return it in the form croniter reads.
+
+    A step on a single start value (`5/15`) means start-to-maximum (`5-59/15`), as in
+    cronie; croniter 7 alone would read `59/15` as minute 59 only.
+    """
+    fields = normalized.split(" ")
+    if len(fields) != 5:
+        raise FrequencyError(
+            f"cron expression {text.strip()!r} has {len(fields)} fields, expected 5 "
+            f"(minute hour day-of-month month day-of-week; seconds are not supported): "
+            f"{ACCEPTED_FORMS}"
+        )
+    rewritten = [
+        _validate_cron_field(field, spec, text) for field, spec in zip(fields, CRON_FIELDS)
+    ]
+    expression = " ".join(rewritten)
+
+    frequency = CronFrequency(text=text, expression=expression)
+    try:
+        frequency.next_after(dt.datetime(2000, 1, 1, tzinfo=UTC))
+    except Exception as error:  # croniter raises several types for impossible dates
+        raise FrequencyError(
+            f"cron expression {text.strip()!r} never fires (no matching date within "
+            f"{CRON_SEARCH_YEARS} years): {error}"
+        ) from None
+    return expression
+
+
+def _cron_value(token: str, spec: tuple, text: str) -> int:
+    name, lowest, highest, names = spec
+    if token.isdigit():
+        value = int(token)
+    elif token in names:
+        value = names.index(token) + (1 if name == "month" else 0)
+    else:
+        raise FrequencyError(
+            f"invalid {name} value {token!r} in cron expression {text.strip()!r}: "
+            f"use numbers {lowest}-{highest}"
+            + (f" or names such as {names[0].upper()}" if names else "")
+        )
+    if not lowest <= value <= highest:
+        raise FrequencyError(
+            f"{name} value {value} in cron expression {text.strip()!r} is out of range "
+            f"{lowest}-{highest}"
+        )
+    return value
+
+
+def _validate_cron_field(field: str, spec: tuple, text: str) -> str:
+    name, lowest, highest, _names = spec
+    parts = []
+    for part in field.split(","):
+        base, slash, step_text = part.partition("/")
+        if slash:
+            if not step_text.isdigit() or int(step_text) == 0:
+                raise FrequencyError(
+                    f"invalid step {step_text!r} in {name} field {field!r} of "
+                    f"{text.strip()!r}: a step is a whole number of 1 or more"
+                )
+            step = int(step_text)
+            if step > highest - lowest + 1:
+                raise FrequencyError(
+                    f"step {step} in {name} field {field!r} of {text.strip()!r} is larger "
+                    f"than the field's range {lowest}-{highest}"
+                )
+        if base == "*":
+            parts.append(part)
+            continue
+        start_text, dash, end_text = base.partition("-")
+        start = _cron_value(start_text, spec, text)
+        if dash:
+            end = _cron_value(end_text, spec, text)
+            if end < start:
+                raise FrequencyError(
+                    f"range {base!r} in {name} field of {text.strip()!r} runs backwards"
+                )
+        elif slash:
+            # `5/15` means 5-59/15, as in cronie.
+            base = f"{start_text}-{highest}"
+        parts.append(base + (f"/{step_text}" if slash else ""))
+    return ",".join(parts)
+
+
+# ---------------------------------------------------------------------------
+# Tasks and the state store
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A task as the agent runs it. Two tasks are the same schedule when they are equal."""
+
+    task_id: str
+    command: str
+    frequency: str
+
+    @classmethod
+    def from_json(cls, data: object) -> "Task":
+        """Build a Task from a JSON object, or raise ValueError naming the bad field."""
+        if not isinstance(data, dict):
+            raise ValueError("a task must be a JSON object with task_id, command and frequency")
+        for field in ("task_id", "command", "frequency"):
+            value = data.get(field)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"task field {field!r} is missing or not a non-empty string")
+        task = cls(task_id=data["task_id"], command=data["command"], frequency=data["frequency"])
+        task.parsed_frequency()
+        return task
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def parsed_frequency(self) -> Frequency:
+        return parse_frequency(self.frequency)
+
+
+@dataclasses.dataclass
+class RunResult:
+    """One run of a task on this host, as stored in the outbox and reported to the server."""
+
+    task_id: str
+    scheduled_for: dt.datetime
+    started_at: dt.datetime
+    finished_at: dt.datetime
+    exit_code: Optional[int]
+    status: str
+    stdout: str
+    stderr: str
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+    truncated: bool = False
+
+
+class StateStore:
+    """The agent's durable state: its id, its task list, its runs and the report outbox.
+
+    It is one SQLite file (stdlib sqlite3) in the state directory. Every method takes
+    the store's lock, so any thread may call it.
+    """
+
+    SCHEMA = (
+        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS tasks (task_id TEXT PRIMARY KEY, body TEXT NOT NULL)",
+        # One row per run: written with status 'running' before the command starts, so
+        # a restarted agent knows which slots it already ran.
+        "CREATE TABLE IF NOT EXISTS runs ("
+        " task_id TEXT NOT NULL, scheduled_for TEXT NOT NULL, status TEXT NOT NULL,"
+        " body TEXT, reported INTEGER NOT NULL DEFAULT 0,"
+        " PRIMARY KEY (task_id, scheduled_for))",
+        "CREATE INDEX IF NOT EXISTS runs_unreported ON runs (reported, status)",
+    )
+
+    def __init__(self, state_dir: str):
+        os.makedirs(state_dir, exist_ok=True)
+        self.path = os.path.join(state_dir, "agent.db")
+        self._lock = threading.Lock()
+        self._connection = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._connection.execute("PRAGMA journal_mode=WAL")
+        # FULL makes every commit durable through a power cut, at a few ms per write.
+        self._connection.execute("PRAGMA synchronous=FULL")
+        self._connection.execute("PRAGMA busy_timeout=5000")
+        for statement in self.SCHEMA:
+            self._connection.execute(statement)
+
+    def close(self) -> None:
+        with self._lock:
+            self._connection.close()
+
+    def get_meta(self, key: str) -> Optional[str]:
+        with self._lock:
+            row = self._connection.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._lock:
+            self._connection.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    def tasks(self) -> list[Task]:
+        with self._lock:
+            rows = self._connection.execute("SELECT body FROM tasks ORDER BY task_id").fetchall()
+        return [Task(**json.loads(body)) for (body,) in rows]
+
+    def upsert_task(self, task: Task) -> str:
+        """Store one task and return 'added', 'replaced' or 'unchanged'."""
+        body = json.dumps(task.to_json(), sort_keys=True)
+        with self._lock, self._connection:
+            row = self._connection.execute(
+                "SELECT body FROM tasks WHERE task_id = ?", (task.task_id,)
+            ).fetchone()
+            if row and row[0] == body:
+                return "unchanged"
+            self._connection.execute(
+                "INSERT OR REPLACE INTO tasks (task_id, body) VALUES (?, ?)", (task.task_id, body)
+            )
+        return "replaced" if row else "added"
+
+    def replace_tasks(self, tasks: Iterable[Task]) -> bool:
+        """Make the stored task list exactly `tasks`; return whether anything changed."""
+        wanted = {task.task_id: json.dumps(task.to_json(), sort_keys=True) for task in tasks}
+        with self._lock, self._connection:
+            self._connection.execute("BEGIN IMMEDIATE")
+            current = dict(self._connection.execute("SELECT task_id, body FROM tasks").fetchall())
+            if current == wanted:
+                return False
+            self._connection.execute("DELETE FROM tasks")
+            self._connection.executemany(
+                "INSERT INTO tasks (task_id, body) VALUES (?, ?)", wanted.items()
+            )
+        return True
+
+    def last_slot(self, task_id: str) -> Optional[dt.datetime]:
+        with self._lock:
+            row = self._connection.execute(
+                "SELECT MAX(scheduled_for) FROM runs WHERE task_id = ?", (task_id,)
+            ).fetchone()
+        return parse_time(row[0]) if row and row[0] else None
+
+    def record_start(self, task_id: str, slot: dt.datetime) -> bool:
+        """Record that the run of `slot` starts; return False if that slot already ran."""
+        with self._lock:
+            cursor = self._connection.execute(
+                "INSERT OR IGNORE INTO runs (task_id, scheduled_for, status) VALUES (?, ?, 'running')",
+                (task_id, _slot_key(slot)),
+            )
+        return cursor.rowcount == 1
+
+    def record_finish(self, result: RunResult) -> None:
+        body = json.dumps(_result_payload(result))
+        with self._lock:
+            self._connection.execute(
+                "UPDATE runs SET status = ?, body = ? WHERE task_id = ? AND scheduled_for = ?",
+                (result.status, body, result.task_id, _slot_key(result.scheduled_for)),
+            )
+
+    def unreported(self, limit: int = 50) -> list[tuple[str, str, dict]]:
+        """Return finished runs not yet acknowledged by the server, oldest slot first."""
+        with self._lock:
+            rows = self._connection.execute(
+                "SELECT task_id, scheduled_for, body FROM runs "
+                "WHERE reported = 0 AND status != 'running' ORDER BY scheduled_for LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [(task_id, slot, json.loads(body)) for task_id, slot, body in rows]
+
+    def mark_reported(self, task_id: str, slot_key: str) -> None:
+        with self._lock:
+            self._connection.execute(
+                "UPDATE runs SET reported = 1, body = NULL WHERE task_id = ? AND scheduled_for = ?",
+                (task_id, slot_key),
+            )
+
+    def prune_runs(self, keep_per_task: int = 10) -> None:
+        """Drop reported run records beyond the newest few per task."""
+        with self._lock:
+            self._connection.execute(
+                "DELETE FROM runs WHERE reported = 1 AND rowid NOT IN ("
+                " SELECT rowid FROM (SELECT rowid, ROW_NUMBER() OVER ("
+                "  PARTITION BY task_id ORDER BY scheduled_for DESC) AS rank FROM runs)"
+                " WHERE rank <= ?)",
+                (keep_per_task,),
+            )
+
+
+def _slot_key(slot: dt.datetime) -> str:
+    # Fixed-width text sorts in time order, which the outbox query relies on.
+    return slot.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _result_payload(result: RunResult) -> dict:
+    return {
+        "scheduled_for": format_time(result.scheduled_for),
+        "started_at": format_time(result.started_at),
+        "finished_at": format_time(result.finished_at),
+        "exit_code": result.exit_code,
+        "status": result.status,
+        "stdout": result.stdout,
+        "stderr": result.stderr,
+        "stdout_bytes": result.stdout_bytes,
+        "stderr_bytes": result.stderr_bytes,
+        "truncated": result.truncated,
+    }
+
+
+# ---------------------------------------------------------------------------
+# The task scheduler
+# ---------------------------------------------------------------------------
+
+
+class TaskScheduler:
+    """Fires each task at its slots through one-shot jobs of a `schedule.Scheduler`.
+
+    `schedule`'s own intervals count from the end of the previous run and drift, so
+    the next slot is computed here from the task's frequency, and handed to `schedule`
+    as a job that fires once. `schedule` is not thread-safe: only the loop thread
+    (`run_forever`, or whoever calls `run_pending`) touches it. Other threads hand it
+    a new task list through `request_reconcile`.
+
+    A slot that has already run (recorded in the state store) is never planned again,
+    so a restarted agent does not repeat it. Slots missed while the agent was down or
+    blocked are not run late.
+    """
+
+    def __init__(self, store: StateStore, fire: Callable[[Task, dt.datetime], None],
+                 clock: Optional[Clock] = None, max_sleep: float = 60.0):
+        self.store = store
+        self.clock = clock or Clock()
+        self.max_sleep = max_sleep
+        self._fire_callback = fire
+        self._scheduler = schedule.Scheduler()
+        self._planned: dict[str, tuple[Task, dt.datetime, schedule.Job]] = {}
+        self._requests: "queue.SimpleQueue[list[Task]]" = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+
+    def request_reconcile(self, tasks: list[Task]) -> None:
+        """Ask the loop thread to make the planned tasks exactly `tasks`. Thread-safe."""
+        self._requests.put(list(tasks))
+        self._wakeup.set()
+
+    def planned(self) -> dict[str, dt.datetime]:
+        """Return the next planned slot of each task (loop thread or tests only)."""
+        return {task_id: slot for task_id, (_task, slot, _job) in self._planned.items()}
+
+    def reconcile(self, tasks: list[Task], now: Optional[dt.datetime] = None) -> dict[str, list[str]]:
+        """Plan new tasks, re-plan changed ones and drop removed ones.
+
+        Returns the ids of the tasks added, replaced and removed. A task that is
+        already planned with the same definition keeps its job untouched.
+        """
+        now = now or self.clock.now()
+        wanted = {task.task_id: task for task in tasks}
+        changes: dict[str, list[str]] = {"added": [], "replaced": [], "removed": []}
+
+        for task_id in list(self._planned):
+            if task_id not in wanted:
+                self._cancel(task_id)
+                changes["removed"].append(task_id)
+
+        for task_id, task in wanted.items():
+            current = self._planned.get(task_id)
+            if current is not None and current[0] == task:
+                continue
+            if current is not None:
+                self._cancel(task_id)
+            try:
+                self._plan(task, now)
+            except FrequencyError as error:
+                log.error("task %s has an invalid frequency and is not scheduled: %s", task_id, error)
+                continue
+            changes["replaced" if current is not None else "added"].append(task_id)
+
+        for kind, task_ids in changes.items():
+            if task_ids:
+                log.info("tasks %s: %s", kind, ", ".join(task_ids))
+        return changes
+
+    def _plan(self, task: Task, now: dt.datetime) -> dt.datetime:
+        after = now
+        last_slot = self.store.last_slot(task.task_id)
+        if last_slot is not None and last_slot > after:
+            after = last_slot
+        slot = task.parsed_frequency().next_after(after)
+        # schedule computes its due time from its own clock reading, so hand it the
+        # remaining delay. A delay of zero would make schedule loop forever.
+        delay = max((slot - now).total_seconds(), 0.001)
+        job = self._scheduler.every(delay).seconds.do(self._fire, task.task_id, slot)
+        self._planned[task.task_id] = (task, slot, job)
+        return slot
+
+    def _cancel(self, task_id: str) -> None:
+        _task, _slot, job = self._planned.pop(task_id)
+        self._scheduler.cancel_job(job)
+
+    def _fire(self, task_id: str, slot: dt.datetime):
+        now = self.clock.now()
+        entry = self._planned.pop(task_id, None)
+        if entry is None:
+            return schedule.CancelJob
+        task = entry[0]
+        try:
+            self._plan(task, max(now, slot))
+        except Exception:
+            log.exception("task %s could not be planned after slot %s", task_id, format_time(slot))
+        try:
+            self._fire_callback(task, slot)
+        except Exception:
+            # One task's failure must never end the loop.
+            log.exception("task %s failed to start for slot %s", task_id, format_time(slot))
+        return schedule.CancelJob
+
+    def run_pending(self) -> Optional[float]:
+        """Apply waiting reconcile requests, fire due jobs, and return seconds until the next one."""
+        latest: Optional[list[Task]] = None
+        while True:
+            try:
+                latest = self._requests.get_nowait()
+            except queue.Empty:
+                break
+        if latest is not None:
+            self.reconcile(latest)
+        self._scheduler.run_pending()
+        return self._scheduler.idle_seconds
+
+    def run_forever(self, stop: threading.Event) -> None:
+        """Run the loop until `stop` is set, sleeping until the next due job."""
+        while not stop.is_set():
+            idle = self.run_pending()
+            timeout = self.max_sleep if idle is None else min(max(idle, 0.0), self.max_sleep)
+            if self._wakeup.wait(timeout):
+                self._wakeup.clear()
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+
+# ---------------------------------------------------------------------------
+# Running one command
+# ---------------------------------------------------------------------------
+
+
+class BoundedOutput:
+    """Collects a stream's bytes, keeping the head and the tail when it is too long."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.total = 0
+
+    def append(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        room = self.limit // 2 - len(self.head)
+        if room > 0:
+            self.head += chunk[:room]
+            chunk = chunk[room:]
+        if chunk:
+            self.tail += chunk
+            excess = len(self.tail) - (self.limit - self.limit // 2)
+            if excess > 0:
+                del self.tail[:excess]
+
+    @property
+    def truncated(self) -> bool:
+        return self.total > len(self.head) + len(self.tail)
+
+    def text(self) -> str:
+        if not self.truncated:
+            return (bytes(self.head) + bytes(self.tail)).decode("utf-8", errors="replace")
+        omitted = self.total - len(self.head) - len(self.tail)
+        marker = f"\n[... {omitted} bytes truncated by taskscheduler ...]\n"
+        return (
+            bytes(self.head).decode("utf-8", errors="replace")
+            + marker
+            + bytes(self.tail).decode("utf-8", errors="replace")
+        )
+
+
+def _drain(stream, output: BoundedOutput) -> None:
+    try:
+        for chunk in iter(lambda: stream.read1(65536), b""):
+            output.append(chunk)
+    except (OSError, ValueError):
+        pass  # the pipe was closed under us
+    finally:
+        try:
+            stream.close()
+        except OSError:
+            pass
+
+
+class Runner:
+    """Runs one task's command through the host's shell and captures its output.
+
+    POSIX hosts use `/bin/sh -c COMMAND`; Windows hosts use `cmd.exe /c COMMAND`
+    (through COMSPEC). Each run starts in its own session or process group, and the
+    command's environment adds TASKSCHEDULER_TASK_ID, TASKSCHEDULER_AGENT_ID and
+    TASKSCHEDULER_SCHEDULED_FOR to the agent's own.
+    """
+
+    # How long to keep reading output after the shell exits. A background child that
+    # still holds the pipe open does not delay the report beyond this.
+    PIPE_GRACE_SECONDS = 2.0
+    KILL_GRACE_SECONDS = 5.0
+    MAX_TIMEOUT_SECONDS = 3600.0
+
+    def __init__(self, agent_id: str, work_dir: str, output_limit: int = 1024 * 1024,
+                 clock: Optional[Clock] = None):
+        self.agent_id = agent_id
+        self.work_dir = work_dir
+        self.output_limit = output_limit
+        self.clock = clock or Clock()
+        os.makedirs(work_dir, exist_ok=True)
+
+    def timeout_for(self, task: Task, slot: dt.datetime) -> float:
+        """The run's time limit: the task's interval up to the next slot, at most 1 hour."""
+        period = (task.parsed_frequency().next_after(slot) - slot).total_seconds()
+        return min(max(period, 1.0), self.MAX_TIMEOUT_SECONDS)
+
+    def run(self, task: Task, slot: dt.datetime) -> RunResult:
+        env = dict(os.environ)
+        env["TASKSCHEDULER_TASK_ID"] = task.task_id
+        env["TASKSCHEDULER_AGENT_ID"] = self.agent_id
+        env["TASKSCHEDULER_SCHEDULED_FOR"] = format_time(slot)
+        options: dict = {}
+        if ON_WINDOWS:
+            options["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
+        else:
+            options["start_new_session"] = True
+
+        started_at = self.clock.now()
+        try:
+            process = subprocess.Popen(
+                task.command, shell=True, cwd=self.work_dir, env=env,
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                **options,
+            )
+        except OSError as error:
+            return RunResult(
+                task_id=task.task_id, scheduled_for=slot, started_at=started_at,
+                finished_at=self.clock.now(), exit_code=None, status="failed",
+                stdout="", stderr=f"taskscheduler could not start the shell: {error}",
+            )
+
+        stdout, stderr = BoundedOutput(self.output_limit), BoundedOutput(self.output_limit)
+        readers = [
+            threading.Thread(target=_drain, args=(process.stdout, stdout), daemon=True),
+            threading.Thread(target=_drain, args=(process.stderr, stderr), daemon=True),
+        ]
+        for reader in readers:
+            reader.start()
+
+        status = "succeeded"
+        try:
+            exit_code = process.wait(timeout=self.timeout_for(task, slot))
+        except subprocess.TimeoutExpired:
+            status = "timed_out"
+            exit_code = self._kill_tree(process)
+        finished_at = self.clock.now()
+
+        deadline = time.monotonic() + self.PIPE_GRACE_SECONDS
+        for reader in readers:
+            reader.join(max(deadline - time.monotonic(), 0))
+
+        if status == "succeeded" and exit_code != 0:
+            status = "failed"
+        return RunResult(
+            task_id=task.task_id, scheduled_for=slot, started_at=started_at,
+            finished_at=finished_at, exit_code=exit_code, status=status,
+            stdout=stdout.text(), stderr=stderr.text(),
+            stdout_bytes=stdout.total, stderr_bytes=stderr.total,
+            truncated=stdout.truncated or stderr.truncated,
+        )
+
+    def _kill_tree(self, process: subprocess.Popen) -> Optional[int]:
+        """Stop the run's whole process group: SIGTERM, then SIGKILL after a grace period."""
+        if ON_WINDOWS:
+            subprocess.run(["taskkill", "/T", "/F", "/PID", str(process.pid)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+            return process.wait()
+        for sig, wait in ((signal.SIGTERM, self.KILL_GRACE_SECONDS), (signal.SIGKILL, None)):
+            try:
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                return process.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                continue
+        return process.wait()
+
+
+# ---------------------------------------------------------------------------
+# Talking to the server
+# ---------------------------------------------------------------------------
+
+
+class ServerError(Exception):
+    """The server could not be reached, or answered with an error."""
+
+    def __init__(self, message: str, status: Optional[int] = None):
+        super().__init__(message)
+        self.status = status
+
+
+class ServerClient:
+    """The agent's calls to the server's REST API."""
+
+    def __init__(self, base_url: str, agent_id: str, timeout: float = 10.0):
+        self.base_url = base_url.rstrip("/")
+        self.agent_id = agent_id
+        self.timeout = timeout
+        self.session = requests.Session()
+        self.session.headers["User-Agent"] = f"taskscheduler-agent/{__version__}"
+
+    def _request(self, method: str, path: str, body: Optional[dict] = None) -> dict:
+        url = self.base_url + path
+        try:
+            response = self.session.request(method, url, json=body, timeout=self.timeout)
+        except requests.RequestException as error:
+            raise ServerError(f"{method} {url} failed: {error}") from None
+        if response.status_code >= 400:
+            try:
+                message = response.json().get("error", response.text)
+            except ValueError:
+                message = response.text[:200]
+            raise ServerError(
+                f"{method} {url} returned {response.status_code}: {message}",
+                status=response.status_code,
+            )
+        try:
+            return response.json()
+        except ValueError:
+            raise ServerError(f"{method} {url} returned a body that is not JSON") from None
+
+    def register(self, push_url: Optional[str]) -> dict:
+        return self._request("PUT", f"/api/v1/agents/{self.agent_id}", {
+            "hostname": socket.gethostname(),
+            "platform": f"{platform.system()} {platform.release()} {platform.machine()}".strip(),
+            "version": __version__,
+            "push_url": push_url,
+        })
+
+    def fetch_tasks(self) -> list[Task]:
+        body = self._request("GET", f"/api/v1/agents/{self.agent_id}/tasks")
+        tasks = []
+        for item in body.get("tasks", []):
+            try:
+                tasks.append(Task.from_json(item))
+            except ValueError as error:
+                log.error("server sent a task that is not valid, skipped: %s", error)
+        return tasks
+
+    def complete(self, task_id: str, payload: dict) -> dict:
+        body = dict(payload, server_id=self.agent_id)
+        return self._request("POST", f"/api/v1/tasks/{task_id}/complete", body)
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter; `reset` after a success."""
+
+    def __init__(self, initial: float = 1.0, maximum: float = 60.0):
+        self.initial = initial
+        self.maximum = maximum
+        self.failures = 0
+
+    def next_delay(self) -> float:
+        self.failures += 1
+        ceiling = min(self.maximum, self.initial * 2 ** (self.failures - 1))
+        return random.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class ReportSender:
+    """Sends finished runs from the outbox to the server until each is acknowledged.
+
+    A run leaves the outbox only when the server accepted it (2xx) or rejected it for
+    good (4xx other than 408 and 429, for example a task that was deleted).
+    """
+
+    def __init__(self, store: StateStore, client: ServerClient):
+        self.store = store
+        self.client = client
+        self.backoff = Backoff()
+        self._wakeup = threading.Event()
+
+    def notify(self) -> None:
+        self._wakeup.set()
+
+    def send_pending(self) -> bool:
+        """Send every unreported run once; return False if the server could not be reached."""
+        while True:
+            batch = self.store.unreported()
+            if not batch:
+                return True
+            for task_id, slot_key, payload in batch:
+                try:
+                    self.client.complete(task_id, payload)
+                except ServerError as error:
+                    if error.status is not None and 400 <= error.status < 500 \
+                            and error.status not in (408, 429):
+                        log.warning("report of task %s slot %s rejected, dropped: %s",
+                                    task_id, payload.get("scheduled_for"), error)
+                    else:
+                        log.warning("report of task %s slot %s not sent, will retry: %s",
+                                    task_id, payload.get("scheduled_for"), error)
+                        return False
+                self.store.mark_reported(task_id, slot_key)
+
+    def run_forever(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self._wakeup.clear()
+            if self.send_pending():
+                self.backoff.reset()
+                self._wakeup.wait(30.0)
+            else:
+                stop.wait(self.backoff.next_delay())
+
+
+# ---------------------------------------------------------------------------
+# The agent
+# ---------------------------------------------------------------------------
+
+
+class Agent:
+    """Ties the parts together: sync with the server, fire tasks, run them, report."""
+
+    def __init__(self, server_url: str, state_dir: str, agent_id: Optional[str] = None,
+                 push_url: Optional[str] = None, sync_interval: float = 5.0,
+                 max_concurrent_runs: int = 16, work_dir: Optional[str] = None,
+                 clock: Optional[Clock] = None):
+        self.clock = clock or Clock()
+        self.store = StateStore(state_dir)
+        self.agent_id = self._resolve_id(agent_id)
+        self.push_url = push_url
+        self.sync_interval = sync_interval
+        self.client = ServerClient(server_url, self.agent_id)
+        self.runner = Runner(self.agent_id, work_dir or os.path.join(state_dir, "work"), clock=self.clock)
+        self.sender = ReportSender(self.store, self.client)
+        self.scheduler = TaskScheduler(self.store, self.start_run, clock=self.clock,
+                                       max_sleep=max(sync_interval, 1.0))
+        self.pool = ThreadPoolExecutor(max_workers=max_concurrent_runs, thread_name_prefix="run")
+        self.stop_event = threading.Event()
+        self._running: set[str] = set()
+        self._running_lock = threading.Lock()
+        self._registered = False
+        self._sync_backoff = Backoff(initial=sync_interval, maximum=max(60.0, sync_interval))
+
+    def _resolve_id(self, requested: Optional[str]) -> str:
+        stored = self.store.get_meta("agent_id")
+        if requested:
+            if not AGENT_ID_PATTERN.match(requested):
+                raise ValueError(
+                    f"invalid agent id {requested!r}: use 1-64 letters, digits, '.', '_' or '-', "
+                    "starting with a letter or digit"
+                )
+            if stored and stored != requested:
+                log.warning("agent id changes from %s to %s as requested by --id", stored, requested)
+            self.store.set_meta("agent_id", requested)
+            return requested
+        if stored:
+            return stored
+        hostname = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname().split(".")[0])[:40] or "agent"
+        generated = f"{hostname}-{uuid.uuid4().hex[:8]}"
+        self.store.set_meta("agent_id", generated)
+        log.info("generated agent id %s", generated)
+        return generated
+
+    # Runs ------------------------------------------------------------------
+
+    def start_run(self, task: Task, slot: dt.datetime) -> None:
+        """Hand a due slot to a worker thread. Called on the loop thread; never blocks."""
+        with self._running_lock:
+            if task.task_id in self._running:
+                # NOTE: the skipped slot is logged but not yet reported to the server.
+                log.warning("task %s slot %s skipped: the previous run is still going",
+                            task.task_id, format_time(slot))
+                return
+            self._running.add(task.task_id)
+        if not self.store.record_start(task.task_id, slot):
+            with self._running_lock:
+                self._running.discard(task.task_id)
+            log.info("task %s slot %s already ran, not repeated", task.task_id, format_time(slot))
+            return
+        self.pool.submit(self._run, task, slot)
+
+    def _run(self, task: Task, slot: dt.datetime) -> None:
+        try:
+            result = self.runner.run(task, slot)
+            duration = (result.finished_at - result.started_at).total_seconds()
+            log.info("task %s slot %s %s: exit code %s, %.3f s, lag %.1f ms",
+                     task.task_id, format_time(slot), result.status, result.exit_code, duration,
+                     (result.started_at - slot).total_seconds() * 1000)
+            self.store.record_finish(result)
+            self.sender.notify()
+        except Exception:
+            log.exception("task %s slot %s: the run failed inside the agent",
+                          task.task_id, format_time(slot))
+        finally:
+            with self._running_lock:
+                self._running.discard(task.task_id)
+
+    # Sync ------------------------------------------------------------------
+
+    def accept_pushed_task(self, task: Task) -> str:
+        """Store a task pushed by the server and plan it at once."""
+        outcome = self.store.upsert_task(task)
+        if outcome != "unchanged":
+            log.info("task %s %s by push", task.task_id, outcome)
+            self.scheduler.request_reconcile(self.store.tasks())
+        return outcome
+
+    def sync_once(self) -> bool:
+        """Register (or heartbeat) and fetch the full task list; return whether it worked."""
+        try:
+            self.client.register(self.push_url)
+            if not self._registered:
+                log.info("registered with %s as agent %s", self.client.base_url, self.agent_id)
+                self._registered = True
+            tasks = self.client.fetch_tasks()
+        except ServerError as error:
+            log.warning("sync with %s failed, running the stored task list: %s",
+                        self.client.base_url, error)
+            return False
+        changed = self.store.replace_tasks(tasks)
+        log.debug("sync: %d tasks, changed: %s", len(tasks), changed)
+        self.scheduler.request_reconcile(tasks)
+        self.sender.notify()
+        return True
+
+    def sync_forever(self) -> None:
+        while not self.stop_event.is_set():
+            if self.sync_once():
+                self._sync_backoff.reset()
+                delay = self.sync_interval
+            else:
+                delay = self._sync_backoff.next_delay()
+            self.stop_event.wait(delay)
+
+    # Lifecycle -------------------------------------------------------------
+
+    def start_background_threads(self) -> list[threading.Thread]:
+        threads = [
+            threading.Thread(target=self.sync_forever, name="sync", daemon=True),
+            threading.Thread(target=self.sender.run_forever, args=(self.stop_event,),
+                             name="report", daemon=True),
+        ]
+        for thread in threads:
+            thread.start()
+        return threads
+
+    def run(self) -> None:
+        """Run until `stop()` is called: plan the stored tasks, then sync and fire."""
+        stored = self.store.tasks()
+        log.info("agent %s starting with %d stored tasks", self.agent_id, len(stored))
+        self.scheduler.request_reconcile(stored)
+        self.start_background_threads()
+        self.scheduler.run_forever(self.stop_event)
+        log.info("agent %s stopping; waiting for running commands", self.agent_id)
+        self.pool.shutdown(wait=True)
+        self.sender.send_pending()
+        self.store.close()
+        log.info("agent %s stopped", self.agent_id)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.scheduler.wake()
+
+
+# ---------------------------------------------------------------------------
+# Push listener
+# ---------------------------------------------------------------------------
+
+
+class PushHandler(http.server.BaseHTTPRequestHandler):
+    """Accepts `POST /api/v1/tasks/schedule` from the server."""
+
+    agent: Agent  # set on the subclass made by `start_push_listener`
+    server_version = f"taskscheduler-agent/{__version__}"
+    MAX_BODY_BYTES = 64 * 1024
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - name fixed by the base class
+        log.debug("push listener: " + format, *args)
+
+    def _send_json(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self) -> None:  # noqa: N802 - name fixed by the base class
+        if self.path != "/api/v1/tasks/schedule":
+            self._send_json(404, {"error": f"no endpoint at {self.path}; use POST /api/v1/tasks/schedule"})
+            return
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            length = -1
+        if length < 0 or length > self.MAX_BODY_BYTES:
+            self._send_json(413, {"error": f"body must be 0-{self.MAX_BODY_BYTES} bytes"})
+            return
+        try:
+            data = json.loads(self.rfile.read(length) or b"null")
+            task = Task.from_json(data)
+        except json.JSONDecodeError as error:
+            self._send_json(400, {"error": f"body is not valid JSON: {error}"})
+            return
+        except ValueError as error:
+            self._send_json(400, {"error": str(error)})
+            return
+        outcome = self.agent.accept_pushed_task(task)
+        self._send_json(200, {"task_id": task.task_id, "agent_id": self.agent.agent_id, "result": outcome})
+
+    def do_GET(self) -> None:  # noqa: N802 - name fixed by the base class
+        self._send_json(405, {"error": "use POST /api/v1/tasks/schedule"})
+
+
+def start_push_listener(agent: Agent, host: str, port: int) -> http.server.ThreadingHTTPServer:
+    handler = type("BoundPushHandler", (PushHandler,), {"agent": agent})
+    server = http.server.ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="push", daemon=True).start()
+    log.info("push listener on http://%s:%d/api/v1/tasks/schedule", host, server.server_address[1])
+    return server
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid --listen {value!r}: use HOST:PORT, such as 127.0.0.1:8081")
+    return host.strip("[]"), int(port)
+
+
+def positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"invalid value {value!r}: expected a number of seconds above 0")
+    return number
+
+
+def positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {value!r}: expected a whole number of 1 or more")
+    return int(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Run taskscheduler's periodic shell commands on this host and report their output.",
+    )
+    parser.add_argument("--server", default=os.environ.get("TASKSCHEDULER_SERVER"),
+                        help="base URL of the taskscheduler server, such as http://127.0.0.1:8080 "
+                             "(env TASKSCHEDULER_SERVER)")
+    parser.add_argument("--state-dir", default=os.environ.get("TASKSCHEDULER_STATE_DIR", "agent-state"),
+                        help="directory for the agent's id, task list and unsent reports "
+                             "(env TASKSCHEDULER_STATE_DIR; default: ./agent-state)")
+    parser.add_argument("--id", dest="agent_id", default=os.environ.get("TASKSCHEDULER_AGENT_ID"),
+                        help="agent id, 1-64 letters, digits, '.', '_' or '-' (default: the stored id, "
+                             "or HOSTNAME-RANDOM generated on first start)")
+    parser.add_argument("--listen", type=parse_listen, metavar="HOST:PORT",
+                        help="accept task pushes from the server on this address (default: off; "
+                             "the agent then gets tasks by pulling alone)")
+    parser.add_argument("--advertise-url", metavar="URL",
+                        help="URL the server uses to reach the push listener (default: http://HOST:PORT "
+                             "from --listen)")
+    parser.add_argument("--sync-interval", type=positive_float, default=5.0, metavar="SECONDS",
+                        help="seconds between task list fetches from the server (default: 5)")
+    parser.add_argument("--max-concurrent-runs", type=positive_int, default=16, metavar="N",
+                        help="commands run at once at most; more wait in a queue (default: 16)")
+    parser.add_argument("--work-dir", metavar="DIR",
+                        help="working directory of every command (default: STATE_DIR/work)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="log level for messages on stderr (default: INFO)")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.server:
+        print("agent.py: error: --server is required (or set TASKSCHEDULER_SERVER)", file=sys.stderr)
+        return 2
+
+    push_url = args.advertise_url
+    try:
+        agent = Agent(args.server, args.state_dir, agent_id=args.agent_id,
+                      sync_interval=args.sync_interval,
+                      max_concurrent_runs=args.max_concurrent_runs, work_dir=args.work_dir)
+    except (ValueError, OSError, sqlite3.Error) as error:
+        print(f"agent.py: error: {error}", file=sys.stderr)
+        return 2
+
+    listener = None
+    if args.listen:
+        host, port = args.listen
+        try:
+            listener = start_push_listener(agent, host, port)
+        except OSError as error:
+            print(f"agent.py: error: cannot listen on {host}:{port}: {error}", file=sys.stderr)
+            return 2
+        if push_url is None:
+            bound_port = listener.server_address[1]
+            shown_host = host if host not in ("0.0.0.0", "::", "") else socket.gethostname()
+            shown_host = f"[{shown_host}]" if ":" in shown_host else shown_host
+            push_url = f"http://{shown_host}:{bound_port}"
+    agent.push_url = push_url
+
+    log.info("agent %s: server %s, state dir %s, push URL %s, sync every %.1f s, at most %d runs at once",
+             agent.agent_id, args.server, os.path.abspath(args.state_dir), push_url or "none",
+             args.sync_interval, args.max_concurrent_runs)
+
+    def request_stop(signum, _frame):
+        log.info("received signal %d", signum)
+        agent.stop()
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    agent.run()
+    if listener is not None:
+        listener.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

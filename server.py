@@ -1,0 +1,519 @@
+"""taskscheduler server: a REST API to create periodic tasks and read every host's output.
+
+Agents register, fetch their task list and report each run here; operators create
+tasks and read the latest complete execution. Serve it with waitress:
+
+    python server.py --host 127.0.0.1 --port 8080 --database sqlite:///data/taskscheduler.db
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Optional
+
+import bottle
+import peewee
+import requests
+import waitress
+
+from agent import (AGENT_ID_PATTERN, UTC, FrequencyError, format_time, parse_frequency,
+                   parse_time)
+from executions import latest_complete_execution
+from models import Agent, Result, Task, database, open_database, sqlite_url, utc_now
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("taskscheduler.server")
+
+MAX_BODY_BYTES = 16 * 1024 * 1024
+MAX_COMMAND_LENGTH = 8192
+MAX_OUTPUT_LENGTH = 4 * 1024 * 1024
+RESULT_STATUSES = ("succeeded", "failed", "timed_out")
+TASK_ID_PATTERN = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    """Settings of one server; defaults match the command line's."""
+
+    agent_timeout: float = 30.0
+    report_grace: float = 30.0
+    push_timeout: float = 5.0
+
+
+# ---------------------------------------------------------------------------
+# JSON responses and errors
+# ---------------------------------------------------------------------------
+
+
+def json_response(body: Any, status: int = 200) -> bottle.HTTPResponse:
+    return bottle.HTTPResponse(
+        body=json.dumps(body), status=status,
+        headers={"Content-Type": "application/json", "Cache-Control": "no-store"},
+    )
+
+
+def api_error(status: int, message: str, field: Optional[str] = None) -> bottle.HTTPResponse:
+    """Build the one error shape of the API: {"error": MESSAGE, "field": NAME}."""
+    body: dict[str, Any] = {"error": message}
+    if field is not None:
+        body["field"] = field
+    return json_response(body, status)
+
+
+def render_http_error(error: bottle.HTTPError) -> str:
+    """Render bottle's own errors (404, 405, 413, 500) as JSON instead of HTML."""
+    bottle.response.content_type = "application/json"
+    if error.status_code == 404:
+        message = f"no endpoint at {bottle.request.method} {bottle.request.path}"
+    elif error.status_code == 405:
+        message = (f"method {bottle.request.method} is not allowed on {bottle.request.path}; "
+                   f"allowed: {error.headers.get('Allow', 'see the README')}")
+    elif error.status_code == 413:
+        message = f"request body is larger than {MAX_BODY_BYTES} bytes"
+    elif error.status_code >= 500:
+        if error.exception is not None:
+            log.error("unhandled error on %s %s: %r", bottle.request.method, bottle.request.path,
+                      error.exception, exc_info=error.exception)
+        message = "internal server error; the server log has the details"
+    else:
+        message = str(error.body)
+    return json.dumps({"error": message})
+
+
+def read_json_object() -> dict:
+    """Return the request body as a JSON object, or raise a 4xx error response."""
+    content_type = bottle.request.content_type.split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise api_error(415, "send the body as JSON with the header Content-Type: application/json "
+                             f"(received {content_type or 'no content type'})")
+    if bottle.request.content_length > MAX_BODY_BYTES:
+        raise api_error(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+    raw = bottle.request.body.read(MAX_BODY_BYTES + 1)
+    if len(raw) > MAX_BODY_BYTES:
+        raise api_error(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise api_error(400, "request body is not valid UTF-8") from None
+    except json.JSONDecodeError as error:
+        raise api_error(400, f"request body is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise api_error(400, "request body must be a JSON object")
+    return data
+
+
+def required_string(data: dict, field: str, max_length: int) -> str:
+    if field not in data or data[field] is None:
+        raise api_error(400, f"{field} is missing", field)
+    value = data[field]
+    if not isinstance(value, str):
+        raise api_error(400, f"{field} must be a string, not {type(value).__name__}", field)
+    if not value.strip():
+        raise api_error(400, f"{field} is empty", field)
+    if len(value) > max_length:
+        raise api_error(400, f"{field} is longer than {max_length} characters", field)
+    return value
+
+
+def optional_string(data: dict, field: str, max_length: int) -> str:
+    value = data.get(field)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise api_error(400, f"{field} must be a string, not {type(value).__name__}", field)
+    if len(value) > max_length:
+        raise api_error(413, f"{field} is longer than {max_length} characters; "
+                             "send its head and tail only", field)
+    # PostgreSQL text columns cannot hold NUL, so it is shown as U+FFFD like other bad bytes.
+    return value.replace("\x00", "\ufffd")
+
+
+def optional_time(data: dict, field: str) -> Optional[dt.datetime]:
+    """Return a naive UTC datetime from an RFC 3339 field, or None when absent."""
+    value = data.get(field)
+    if value is None:
+        return None
+    try:
+        return parse_time(value).replace(tzinfo=None)
+    except ValueError as error:
+        raise api_error(400, f"{field} is invalid: {error}", field) from None
+
+
+def optional_exit_code(data: dict) -> Optional[int]:
+    value = data.get("exit_code")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not -(2 ** 31) <= value < 2 ** 31:
+        raise api_error(400, "exit_code must be an integer (negative for a signal) or null", "exit_code")
+    return value
+
+
+def time_text(naive: Optional[dt.datetime]) -> Optional[str]:
+    return format_time(naive.replace(tzinfo=UTC)) if naive is not None else None
+
+
+# ---------------------------------------------------------------------------
+# Pushing tasks to agents
+# ---------------------------------------------------------------------------
+
+
+class TaskPusher:
+    """Pushes new tasks to the agents that gave a push URL, in background threads.
+
+    A failed push is only logged: the agent gets the task at its next sync anyway.
+    """
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="push")
+        self._session = requests.Session()
+
+    def push(self, task: dict, agents: list[tuple[str, str]]) -> None:
+        for agent_id, push_url in agents:
+            self._pool.submit(self._push_one, task, agent_id, push_url)
+
+    def _push_one(self, task: dict, agent_id: str, push_url: str) -> None:
+        url = push_url.rstrip("/") + "/api/v1/tasks/schedule"
+        try:
+            response = self._session.post(url, json=task, timeout=self.timeout)
+        except requests.RequestException as error:
+            log.info("push of task %s to agent %s at %s failed, it will pull the task: %s",
+                     task["task_id"], agent_id, url, error)
+            return
+        if response.status_code >= 300:
+            log.warning("push of task %s to agent %s at %s returned %d",
+                        task["task_id"], agent_id, url, response.status_code)
+        else:
+            log.debug("pushed task %s to agent %s", task["task_id"], agent_id)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ---------------------------------------------------------------------------
+# The application
+# ---------------------------------------------------------------------------
+
+
+def task_json(task: Task) -> dict:
+    return {"task_id": task.id, "command": task.command, "frequency": task.frequency}
+
+
+def database_plugin(callback):
+    """Give each request its own connection, and turn database outages into 503."""
+
+    def wrapper(*args, **kwargs):
+        try:
+            with database.connection_context():
+                return callback(*args, **kwargs)
+        except (peewee.OperationalError, peewee.InterfaceError) as error:
+            log.error("database error on %s %s: %s", bottle.request.method, bottle.request.path, error)
+            return api_error(503, "the database is unavailable; retry later")
+
+    return wrapper
+
+
+def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPusher] = None) -> bottle.Bottle:
+    """Build the WSGI application. The database must already be open (`open_database`)."""
+    config = config or ServerConfig()
+    pusher = pusher or TaskPusher(config.push_timeout)
+    app = bottle.Bottle()
+    app.default_error_handler = render_http_error
+    app.install(database_plugin)
+    app.config["taskscheduler.pusher"] = pusher
+
+    def find_task(task_id: str) -> Task:
+        task = Task.get_or_none(Task.id == task_id) if TASK_ID_PATTERN.match(task_id) else None
+        if task is None:
+            raise api_error(404, f"task {task_id} not found", "task_id")
+        return task
+
+    def online_since() -> dt.datetime:
+        return utc_now() - dt.timedelta(seconds=config.agent_timeout)
+
+    @app.get("/healthz")
+    def healthz():
+        return json_response({"status": "ok"})
+
+    @app.post("/api/v1/tasks/create")
+    def create_task():
+        data = read_json_object()
+        command = required_string(data, "command", MAX_COMMAND_LENGTH)
+        if "\x00" in command:
+            raise api_error(400, "command contains a NUL character", "command")
+        frequency = required_string(data, "frequency", 200)
+        try:
+            parse_frequency(frequency)
+        except FrequencyError as error:
+            raise api_error(400, f"frequency is invalid: {error}", "frequency") from None
+
+        task = Task.create(id=str(uuid.uuid4()), command=command, frequency=frequency)
+        log.info("task %s created: frequency %r", task.id, frequency)
+        agents = [(agent.id, agent.push_url) for agent in Agent.select().where(
+            Agent.push_url.is_null(False) & (Agent.last_seen_at >= online_since()))]
+        pusher.push(task_json(task), agents)
+        body = dict(task_json(task), command_id=task.id, created_at=time_text(task.created_at))
+        return json_response(body, 201)
+
+    @app.get("/api/v1/tasks")
+    def list_tasks():
+        # NOTE: not paginated; fine for hundreds of tasks.
+        tasks = Task.select().order_by(Task.created_at, Task.id)
+        return json_response({"tasks": [task_json(task) for task in tasks]})
+
+    @app.get("/api/v1/tasks/<task_id>")
+    def show_task(task_id):
+        task = find_task(task_id)
+        next_slots = parse_frequency(task.frequency).next_slots(dt.datetime.now(UTC), 5)
+        return json_response(dict(
+            task_json(task),
+            created_at=time_text(task.created_at),
+            next_fire_times=[format_time(slot) for slot in next_slots],
+        ))
+
+    @app.get("/api/v1/tasks/<task_id>/latest_output")
+    def latest_output(task_id):
+        task = find_task(task_id)
+        execution = latest_complete_execution(task, utc_now(), config.agent_timeout, config.report_grace)
+        if execution is None:
+            return json_response({"task_id": task.id, "completion_time": None, "outputs": []})
+        outputs = []
+        for result in execution.results:
+            output: dict[str, Any] = {"agent_id": result.agent_id}
+            if result.stdout:
+                output["stdout"] = result.stdout
+            if result.stderr:
+                output["stderr"] = result.stderr
+            output.update(
+                exit_code=result.exit_code,
+                status=result.status,
+                scheduled_for=time_text(result.scheduled_for),
+                started_at=time_text(result.started_at),
+                finished_at=time_text(result.finished_at),
+            )
+            if result.truncated:
+                output.update(truncated=True, stdout_bytes=result.stdout_bytes,
+                              stderr_bytes=result.stderr_bytes)
+            outputs.append(output)
+        return json_response({
+            "task_id": task.id,
+            "scheduled_for": time_text(execution.scheduled_for),
+            "completion_time": time_text(max(result.finished_at for result in execution.results)),
+            "complete_reason": execution.complete_reason,
+            "outputs": outputs,
+        })
+
+    @app.post("/api/v1/tasks/<task_id>/complete")
+    def complete_task(task_id):
+        task = find_task(task_id)
+        data = read_json_object()
+        agent_id = required_string(data, "server_id", 64)
+        if not AGENT_ID_PATTERN.match(agent_id):
+            raise api_error(400, "server_id must be 1-64 letters, digits, '.', '_' or '-', "
+                                 "starting with a letter or digit", "server_id")
+        stdout = optional_string(data, "stdout", MAX_OUTPUT_LENGTH)
+        stderr = optional_string(data, "stderr", MAX_OUTPUT_LENGTH)
+        exit_code = optional_exit_code(data)
+        now = utc_now()
+        finished_at = optional_time(data, "finished_at") or now
+        started_at = optional_time(data, "started_at")
+        scheduled_for = optional_time(data, "scheduled_for")
+        if scheduled_for is None:
+            # A plain REST report belongs to the execution that is due now.
+            latest_slot = parse_frequency(task.frequency).latest_at_or_before(now.replace(tzinfo=UTC))
+            scheduled_for = latest_slot.replace(tzinfo=None)
+        status = data.get("status")
+        if status is None:
+            status = "succeeded" if exit_code in (None, 0) else "failed"
+        elif status not in RESULT_STATUSES:
+            raise api_error(400, f"status must be one of {', '.join(RESULT_STATUSES)}", "status")
+
+        fields = dict(
+            task=task.id, agent_id=agent_id, scheduled_for=scheduled_for, started_at=started_at,
+            finished_at=finished_at, received_at=now, status=status, exit_code=exit_code,
+            stdout=stdout, stderr=stderr,
+            stdout_bytes=_byte_count(data, "stdout_bytes", stdout),
+            stderr_bytes=_byte_count(data, "stderr_bytes", stderr),
+            truncated=bool(data.get("truncated", False)),
+        )
+        with database.atomic():
+            inserted = (Result.insert(**fields)
+                        .on_conflict_ignore()
+                        .as_rowcount()
+                        .execute())
+            Agent.update(last_seen_at=now).where(Agent.id == agent_id).execute()
+        body = {"task_id": task.id, "agent_id": agent_id,
+                "scheduled_for": time_text(scheduled_for), "duplicate": inserted == 0}
+        if inserted == 0:
+            log.info("duplicate report of task %s slot %s from agent %s ignored",
+                     task.id, time_text(scheduled_for), agent_id)
+            return json_response(body, 200)
+        log.debug("report of task %s slot %s from agent %s stored", task.id, time_text(scheduled_for), agent_id)
+        return json_response(body, 201)
+
+    @app.put("/api/v1/agents/<agent_id>")
+    def register_agent(agent_id):
+        if not AGENT_ID_PATTERN.match(agent_id):
+            raise api_error(400, "agent id must be 1-64 letters, digits, '.', '_' or '-', "
+                                 "starting with a letter or digit", "agent_id")
+        data = read_json_object()
+        push_url = data.get("push_url")
+        if push_url is not None and (not isinstance(push_url, str)
+                                     or not re.match(r"^https?://[^\s/]+", push_url)
+                                     or len(push_url) > 2048):
+            raise api_error(400, "push_url must be an http:// or https:// URL, or null", "push_url")
+        details = {}
+        for field in ("hostname", "platform", "version"):
+            value = data.get(field, "")
+            if not isinstance(value, str):
+                raise api_error(400, f"{field} must be a string", field)
+            details[field] = value[:255]
+        now = utc_now()
+        with database.atomic():
+            agent = Agent.get_or_none(Agent.id == agent_id)
+            if agent is None:
+                agent = Agent.create(id=agent_id, push_url=push_url, registered_at=now,
+                                     last_seen_at=now, **details)
+                log.info("agent %s registered: host %r, %s, push URL %s",
+                         agent_id, details["hostname"], details["platform"], push_url or "none")
+                status = 201
+            else:
+                Agent.update(push_url=push_url, last_seen_at=now, **details).where(
+                    Agent.id == agent_id).execute()
+                status = 200
+        return json_response({"agent_id": agent_id, "registered_at": time_text(agent.registered_at)},
+                             status)
+
+    @app.get("/api/v1/agents/<agent_id>/tasks")
+    def agent_tasks(agent_id):
+        updated = Agent.update(last_seen_at=utc_now()).where(Agent.id == agent_id).execute()
+        if not updated:
+            raise api_error(404, f"agent {agent_id} is not registered; register with "
+                                 f"PUT /api/v1/agents/{agent_id} first", "agent_id")
+        tasks = Task.select().order_by(Task.created_at, Task.id)
+        return json_response({"agent_id": agent_id, "tasks": [task_json(task) for task in tasks]})
+
+    @app.get("/api/v1/agents")
+    def list_agents():
+        threshold = online_since()
+        agents = []
+        for agent in Agent.select().order_by(Agent.id):
+            agents.append({
+                "agent_id": agent.id, "hostname": agent.hostname, "platform": agent.platform,
+                "version": agent.version, "push_url": agent.push_url,
+                "registered_at": time_text(agent.registered_at),
+                "last_seen_at": time_text(agent.last_seen_at),
+                "state": "online" if agent.last_seen_at >= threshold else "offline",
+            })
+        return json_response({"agents": agents})
+
+    return app
+
+
+def _byte_count(data: dict, field: str, text: str) -> int:
+    value = data.get(field)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return len(text.encode("utf-8"))
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"invalid value {value!r}: expected a number of seconds above 0")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Serve the taskscheduler REST API with waitress.")
+    parser.add_argument("--host", default=os.environ.get("TASKSCHEDULER_HOST", "127.0.0.1"),
+                        help="address to listen on (env TASKSCHEDULER_HOST; default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("TASKSCHEDULER_PORT", "8080")),
+                        help="TCP port to listen on (env TASKSCHEDULER_PORT; default: 8080)")
+    parser.add_argument("--data-dir", default=os.environ.get("TASKSCHEDULER_DATA_DIR", "data"),
+                        help="directory of the default SQLite database (env TASKSCHEDULER_DATA_DIR; "
+                             "default: ./data)")
+    parser.add_argument("--database", default=os.environ.get("TASKSCHEDULER_DATABASE"), metavar="URL",
+                        help="peewee database URL, such as sqlite:///data/taskscheduler.db or "
+                             "postgresql://user@host:5432/name (env TASKSCHEDULER_DATABASE; "
+                             "default: DATA_DIR/taskscheduler.db)")
+    parser.add_argument("--threads", type=int, default=16,
+                        help="waitress worker threads (default: 16)")
+    parser.add_argument("--agent-timeout", type=positive_float, default=30.0, metavar="SECONDS",
+                        help="an agent not heard from for this long is offline and no longer "
+                             "expected to report (default: 30)")
+    parser.add_argument("--report-grace", type=positive_float, default=30.0, metavar="SECONDS",
+                        help="an execution is complete at most this long after its period ends, "
+                             "even if an expected agent has not reported (default: 30)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="log level for messages on stderr (default: INFO)")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    url = args.database or sqlite_url(args.data_dir)
+    try:
+        db = open_database(url)
+    except (peewee.PeeweeException, OSError, ValueError, RuntimeError) as error:
+        print(f"server.py: error: cannot open database: {error}", file=sys.stderr)
+        return 2
+
+    config = ServerConfig(agent_timeout=args.agent_timeout, report_grace=args.report_grace)
+    app = create_app(config)
+    try:
+        server = waitress.create_server(app, host=args.host, port=args.port, threads=args.threads,
+                                        max_request_body_size=MAX_BODY_BYTES + 1)
+    except OSError as error:
+        print(f"server.py: error: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)
+        return 2
+
+    def request_stop(signum, _frame):
+        # waitress has no supported shutdown call, so the main thread leaves its loop
+        # through the same exception that Ctrl-C raises.
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, request_stop)
+    log.info("server %s listening on http://%s:%s, database %s (%s), agent timeout %.0f s, "
+             "report grace %.0f s, %d threads", __version__, args.host, server.effective_port,
+             db.__class__.__name__, _redact(url), args.agent_timeout, args.report_grace, args.threads)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        log.info("stopping")
+    finally:
+        server.close()
+        app.config["taskscheduler.pusher"].shutdown()
+        db.close()
+    log.info("stopped")
+    return 0
+
+
+def _redact(url: str) -> str:
+    """Hide the password of a database URL for the log."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
