@@ -255,7 +255,7 @@ def _check_interval(seconds: int, text: str) -> int:
 def _parse_compact_interval(compact: str, text: str) -> int:
     if not COMPACT_INTERVAL.match(compact):
         raise FrequencyError(
-            f"invalid interval {text!r}: write it as 30s, 5m, 1h30m or 2d: {ACCEPTED_FORMS}"
+            f"invalid interval {text!r}: write it as 30s, 5m, 1h30m or 2d"
         )
     seconds = sum(int(number) * UNIT_SECONDS[unit] for number, unit in COMPACT_PART.findall(compact))
     return _check_interval(seconds, text)
@@ -266,7 +266,7 @@ def _parse_wordy_interval(normalized: str, text: str) -> int:
     if not match or match.group(2) not in UNIT_SECONDS:
         raise FrequencyError(
             f"invalid interval {text!r}: write it as 'every N seconds|minutes|hours|days' "
-            f"or 'every minute': {ACCEPTED_FORMS}"
+            "or 'every minute'"
         )
     count = int(match.group(1)) if match.group(1) is not None else 1
     return _check_interval(count * UNIT_SECONDS[match.group(2)], text)

@@ -501,8 +501,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         server.run()
     except KeyboardInterrupt:
-        log.info("stopping")
+        pass  # waitress usually handles it inside run() and returns
     finally:
+        log.info("stopping")
         server.close()
         app.config["taskscheduler.pusher"].shutdown()
         db.close()
