@@ -395,7 +395,7 @@ class RunResult:
 
     task_id: str
     scheduled_for: dt.datetime
-    started_at: dt.datetime
+    started_at: Optional[dt.datetime]
     finished_at: dt.datetime
     exit_code: Optional[int]
     status: str
@@ -511,6 +511,22 @@ class StateStore:
                 (result.status, body, result.task_id, _slot_key(result.scheduled_for)),
             )
 
+    def mark_lost_runs(self, now: dt.datetime) -> int:
+        """Mark runs still 'running' from an earlier agent process as lost; return how many."""
+        with self._lock:
+            rows = self._connection.execute(
+                "SELECT task_id, scheduled_for FROM runs WHERE status = 'running'"
+            ).fetchall()
+        for task_id, slot_key in rows:
+            slot = parse_time(slot_key)
+            self.record_finish(RunResult(
+                task_id=task_id, scheduled_for=slot, started_at=None, finished_at=now,
+                exit_code=None, status="lost", stdout="",
+                stderr="taskscheduler: the agent stopped while this run was going; "
+                       "its output and exit code are unknown",
+            ))
+        return len(rows)
+
     def unreported(self, limit: int = 50) -> list[tuple[str, str, dict]]:
         """Return finished runs not yet acknowledged by the server, oldest slot first."""
         with self._lock:
@@ -616,7 +632,7 @@ class TaskScheduler:
 
         for task_id, task in wanted.items():
             current = self._planned.get(task_id)
-            if current is not None and current[0] == task:
+            if current is not None and current[0] == task and not self._drifted(current, now):
                 continue
             if current is not None:
                 self._cancel(task_id)
@@ -631,6 +647,18 @@ class TaskScheduler:
             if task_ids:
                 log.info("tasks %s: %s", kind, ", ".join(task_ids))
         return changes
+
+    def _drifted(self, planned: tuple[Task, dt.datetime, schedule.Job], now: dt.datetime) -> bool:
+        """Return whether a job's due time no longer matches its slot.
+
+        `schedule` keeps due times in naive local time, so a step of the wall clock or a
+        change of the host's UTC offset moves them away from the slot; re-planning fixes it.
+        """
+        _task, slot, job = planned
+        if job.next_run is None:
+            return False
+        expected = dt.datetime.now() + (slot - now)
+        return abs((job.next_run - expected).total_seconds()) > 1.0
 
     def _plan(self, task: Task, now: dt.datetime) -> dt.datetime:
         after = now
@@ -1082,6 +1110,7 @@ class Agent:
                         self.client.base_url, error)
             return False
         changed = self.store.replace_tasks(tasks)
+        self.store.prune_runs()
         log.debug("sync: %d tasks, changed: %s", len(tasks), changed)
         self.scheduler.request_reconcile(tasks)
         self.sender.notify()
@@ -1112,6 +1141,9 @@ class Agent:
         """Run until `stop()` is called: plan the stored tasks, then sync and fire."""
         stored = self.store.tasks()
         log.info("agent %s starting with %d stored tasks", self.agent_id, len(stored))
+        lost = self.store.mark_lost_runs(self.clock.now())
+        if lost:
+            log.warning("%d runs were still going when the agent last stopped; reported as lost", lost)
         self.scheduler.request_reconcile(stored)
         self.start_background_threads()
         self.scheduler.run_forever(self.stop_event)

@@ -38,7 +38,7 @@ log = logging.getLogger("taskscheduler.server")
 MAX_BODY_BYTES = 16 * 1024 * 1024
 MAX_COMMAND_LENGTH = 8192
 MAX_OUTPUT_LENGTH = 4 * 1024 * 1024
-RESULT_STATUSES = ("succeeded", "failed", "timed_out")
+RESULT_STATUSES = ("succeeded", "failed", "timed_out", "lost")
 TASK_ID_PATTERN = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
