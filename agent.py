@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import functools
 import http.server
 import json
 import logging
@@ -34,6 +35,7 @@ import sys
 import threading
 import time
 import uuid
+import zoneinfo
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Optional
 
@@ -180,18 +182,91 @@ class IntervalFrequency(Frequency):
         return EPOCH + dt.timedelta(seconds=elapsed * self.seconds)
 
 
+# The largest change of a zone's UTC offset at one transition, with room to spare: real
+# ones are 30 minutes to 2 hours.
+MAX_OFFSET_CHANGE = dt.timedelta(hours=3)
+
+
+@functools.lru_cache(maxsize=512)
+def zone_for(name: str) -> dt.tzinfo:
+    """Return the tzinfo of an IANA zone name, or raise FrequencyError."""
+    if name == "UTC":
+        return UTC
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        raise FrequencyError(
+            f"unknown time zone {name!r}: use an IANA name such as UTC, Europe/Berlin "
+            "or America/New_York"
+        ) from None
+
+
+def _near_transition(instant: dt.datetime, zone: dt.tzinfo) -> bool:
+    return ((instant - MAX_OFFSET_CHANGE).astimezone(zone).utcoffset()
+            != (instant + MAX_OFFSET_CHANGE).astimezone(zone).utcoffset())
+
+
+def _first_instant_with_new_offset(zone: dt.tzinfo, low: dt.datetime, high: dt.datetime) -> dt.datetime:
+    """Return the first whole second in (low, high] whose UTC offset differs from low's."""
+    before = low.astimezone(zone).utcoffset()
+    while high - low > dt.timedelta(seconds=1):
+        middle = (low + (high - low) / 2).replace(microsecond=0)
+        if middle <= low:
+            break
+        if middle.astimezone(zone).utcoffset() == before:
+            low = middle
+        else:
+            high = middle
+    return high
+
+
+def local_to_utc(wall_time: dt.datetime, zone: dt.tzinfo, fixed_time: bool) -> list[dt.datetime]:
+    """Map a cron tick's wall-clock time in `zone` to the UTC instants it fires at.
+
+    These are cronie's daylight-saving rules:
+
+    1. An ordinary time fires once.
+    2. A repeated time (fall back) fires at its first occurrence for a fixed-time job, and
+       at both occurrences for a wildcard job, which follows real time.
+    3. A skipped time (spring forward) fires right after the jump for a fixed-time job,
+       and not at all for a wildcard job.
+    """
+    first = wall_time.replace(tzinfo=zone, fold=0).astimezone(UTC)
+    second = wall_time.replace(tzinfo=zone, fold=1).astimezone(UTC)
+    if first == second:
+        return [first]
+    exists = first.astimezone(zone).replace(tzinfo=None) == wall_time
+    if exists:
+        return [first] if fixed_time else sorted([first, second])
+    if not fixed_time:
+        return []
+    # In a gap, fold=1 applies the offset after the jump and lands before it, while
+    # fold=0 applies the offset before and lands after it: the jump lies between.
+    low, high = sorted([first, second])
+    return [_first_instant_with_new_offset(zone, low, high)]
+
+
 @dataclasses.dataclass(frozen=True)
 class CronFrequency(Frequency):
-    """Fires on the ticks of a 5-field cron expression, read in UTC.
+    """Fires on the ticks of a 5-field cron expression, read in the task's time zone.
 
     Day-of-month and day-of-week follow Vixie cron: when both are restricted (neither
     starts with `*`) a day matches if either field matches, otherwise both must match.
+    Daylight saving follows cronie (see `local_to_utc`): a job is fixed-time when
+    neither its minute nor its hour field starts with `*`, and a wildcard job otherwise.
     """
 
     text: str
     expression: str
+    timezone: str = "UTC"
 
-    def _iterator(self, start: dt.datetime, is_prev: bool = False) -> croniter:
+    @property
+    def fixed_time(self) -> bool:
+        minute, hour = self.expression.split()[:2]
+        return not (minute.startswith("*") or hour.startswith("*"))
+
+    def _ticks(self, start: dt.datetime, is_prev: bool = False) -> croniter:
+        """Iterate over wall-clock ticks (naive datetimes) from `start`."""
         fields = self.expression.split()
         day_or = not (fields[2].startswith("*") or fields[4].startswith("*"))
         return croniter(
@@ -204,22 +279,68 @@ class CronFrequency(Frequency):
         )
 
     def next_after(self, instant: dt.datetime) -> dt.datetime:
-        return self._iterator(instant.astimezone(UTC)).get_next(dt.datetime).astimezone(UTC)
+        instant = instant.astimezone(UTC)
+        zone = zone_for(self.timezone)
+        local = instant.astimezone(zone).replace(tzinfo=None)
+        if zone is UTC:
+            return self._ticks(local).get_next(dt.datetime).replace(tzinfo=UTC)
+
+        # Fast path: with no transition near either end, ticks map to UTC in order.
+        if not _near_transition(instant, zone):
+            tick = self._ticks(local).get_next(dt.datetime)
+            candidates = local_to_utc(tick, zone, self.fixed_time)
+            if candidates and not _near_transition(candidates[0], zone):
+                return candidates[0]
+
+        # Near a transition a tick before the local time can map to an instant after it,
+        # and ticks stop being in UTC order; so walk from a little earlier and keep the
+        # earliest instant after `instant` until the ticks are past any transition.
+        ticks = self._ticks(local - MAX_OFFSET_CHANGE)
+        best: Optional[dt.datetime] = None
+        best_tick: Optional[dt.datetime] = None
+        while True:
+            tick = ticks.get_next(dt.datetime)
+            if best_tick is not None and tick > best_tick + MAX_OFFSET_CHANGE:
+                return best
+            for candidate in local_to_utc(tick, zone, self.fixed_time):
+                if candidate > instant and (best is None or candidate < best):
+                    best, best_tick = candidate, tick
+            if best is not None and not _near_transition(best, zone):
+                return best
 
     def latest_at_or_before(self, instant: dt.datetime) -> dt.datetime:
+        instant = instant.astimezone(UTC)
+        zone = zone_for(self.timezone)
         # croniter's get_prev is strictly before its start, so start one second later;
         # cron ticks are whole minutes, so no tick lies between.
-        start = instant.astimezone(UTC).replace(microsecond=0) + dt.timedelta(seconds=1)
-        return self._iterator(start, is_prev=True).get_prev(dt.datetime).astimezone(UTC)
+        local = instant.astimezone(zone).replace(tzinfo=None, microsecond=0) + dt.timedelta(seconds=1)
+        if zone is UTC:
+            return self._ticks(local, is_prev=True).get_prev(dt.datetime).replace(tzinfo=UTC)
+
+        ticks = self._ticks(local + MAX_OFFSET_CHANGE, is_prev=True)
+        best: Optional[dt.datetime] = None
+        best_tick: Optional[dt.datetime] = None
+        while True:
+            tick = ticks.get_prev(dt.datetime)
+            if best_tick is not None and tick < best_tick - MAX_OFFSET_CHANGE:
+                return best
+            for candidate in local_to_utc(tick, zone, self.fixed_time):
+                if candidate <= instant and (best is None or candidate > best):
+                    best, best_tick = candidate, tick
+            if best is not None and not _near_transition(best, zone):
+                return best
 
 
-def parse_frequency(text: object) -> Frequency:
+def parse_frequency(text: object, timezone: str = "UTC") -> Frequency:
     """Parse a frequency string into a Frequency, or raise FrequencyError.
 
     Accepted: 5-field cron expressions with Vixie semantics and month and weekday names,
     the macros @hourly, @daily (@midnight), @weekly, @monthly and @yearly (@annually),
     and intervals ('every 30 seconds', 'every minute', '30s', '1h30m', '@every 10s').
+    Cron expressions and macros are read in `timezone` (an IANA name); intervals count
+    real seconds and ignore it.
     """
+    zone_for(timezone)
     if not isinstance(text, str):
         raise FrequencyError(f"frequency must be a string: {ACCEPTED_FORMS}")
     normalized = " ".join(text.strip().lower().split())
@@ -238,8 +359,8 @@ def parse_frequency(text: object) -> Frequency:
             raise FrequencyError(
                 f"unknown macro {text.strip()!r}: use {ACCEPTED_FORMS}"
             )
-        return CronFrequency(text=text, expression=CRON_MACROS[normalized])
-    return CronFrequency(text=text, expression=_validate_cron(normalized, text))
+        return CronFrequency(text=text, expression=CRON_MACROS[normalized], timezone=timezone)
+    return CronFrequency(text=text, expression=_validate_cron(normalized, text), timezone=timezone)
 
 
 def _check_interval(seconds: int, text: str) -> int:
