@@ -49,7 +49,7 @@ log = logging.getLogger("taskscheduler.agent")
 
 UTC = dt.timezone.utc
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=UTC)
-AGENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+AGENT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 ON_WINDOWS = os.name == "nt"
 
 
@@ -74,25 +74,38 @@ def format_time(instant: Optional[dt.datetime]) -> Optional[str]:
     return instant.replace(tzinfo=None).isoformat(timespec=timespec) + "Z"
 
 
-def parse_time(text: str) -> dt.datetime:
+RFC3339_PATTERN = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,9}))?"
+    r"(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))"
+)
+
+
+def parse_time(text: object) -> dt.datetime:
     """Parse an RFC 3339 timestamp with an offset (or Z) into an aware UTC datetime.
 
     Raises ValueError for anything else, including a timestamp without an offset.
+    Fractions beyond microseconds are cut off.
     """
+    example = "2026-01-01T12:00:00Z"
     if not isinstance(text, str):
-        raise ValueError("expected an RFC 3339 string such as 2026-01-01T12:00:00Z")
-    normalized = text.strip()
-    if normalized[-1:] in ("Z", "z"):
-        normalized = normalized[:-1] + "+00:00"
+        raise ValueError(f"expected an RFC 3339 string such as {example}")
+    match = RFC3339_PATTERN.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"{text!r} is not an RFC 3339 timestamp with an offset, such as {example}")
+    year, month, day, hour, minute, second = (int(group) for group in match.groups()[:6])
+    fraction, zulu, sign, offset_hours, offset_minutes = match.groups()[6:]
+    microsecond = int((fraction or "0")[:6].ljust(6, "0"))
+    if zulu:
+        offset = dt.timedelta(0)
+    else:
+        offset = dt.timedelta(hours=int(offset_hours), minutes=int(offset_minutes))
+        offset = -offset if sign == "-" else offset
     try:
-        instant = dt.datetime.fromisoformat(normalized)
-    except ValueError:
-        raise ValueError(
-            f"{text!r} is not an RFC 3339 timestamp such as 2026-01-01T12:00:00Z"
-        ) from None
-    if instant.tzinfo is None:
-        raise ValueError(f"{text!r} has no UTC offset; add Z or an offset such as +02:00")
-    return instant.astimezone(UTC)
+        zone = dt.timezone(offset)
+        instant = dt.datetime(year, month, day, hour, minute, second, microsecond, tzinfo=zone)
+        return instant.astimezone(UTC)
+    except (ValueError, OverflowError) as error:
+        raise ValueError(f"{text!r} is not a valid timestamp: {error}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -136,13 +149,14 @@ UNIT_SECONDS = {
     "h": 3600, "hr": 3600, "hrs": 3600, "hour": 3600, "hours": 3600,
     "d": 86400, "day": 86400, "days": 86400,
 }
-COMPACT_INTERVAL = re.compile(r"^(?:\d+(?:s|m|h|d))+$")
-COMPACT_PART = re.compile(r"(\d+)(s|m|h|d)")
-WORDY_INTERVAL = re.compile(r"^every\s+(?:(\d+)\s+)?([a-z]+)$")
+ASCII_DIGITS = re.compile(r"[0-9]+")
+COMPACT_INTERVAL = re.compile(r"(?:[0-9]+(?:s|m|h|d))+")
+COMPACT_PART = re.compile(r"([0-9]+)(s|m|h|d)")
+WORDY_INTERVAL = re.compile(r"every (?:([0-9]+) )?([a-z]+)")
 MAX_INTERVAL_SECONDS = 366 * 86400
-# Leap-day schedules fire every 4 years, and 8 years apart across 2100, so the search
-# for the next fire time must look at least that far ahead.
-CRON_SEARCH_YEARS = 9
+# How far ahead to search for a cron expression's next fire time. The rarest schedules
+# are leap days on one weekday (`0 0 29 2 0`): 28 years apart, 40 across 2100.
+CRON_SEARCH_YEARS = 50
 
 
 class Frequency:
@@ -352,7 +366,7 @@ def parse_frequency(text: object, timezone: str = "UTC") -> Frequency:
         return IntervalFrequency(text=text, seconds=seconds)
     if normalized.startswith("every"):
         return IntervalFrequency(text=text, seconds=_parse_wordy_interval(normalized, text))
-    if COMPACT_INTERVAL.match(normalized):
+    if COMPACT_INTERVAL.fullmatch(normalized):
         return IntervalFrequency(text=text, seconds=_parse_compact_interval(normalized, text))
     if normalized.startswith("@"):
         if normalized not in CRON_MACROS:
@@ -374,7 +388,7 @@ def _check_interval(seconds: int, text: str) -> int:
 
 
 def _parse_compact_interval(compact: str, text: str) -> int:
-    if not COMPACT_INTERVAL.match(compact):
+    if not COMPACT_INTERVAL.fullmatch(compact):
         raise FrequencyError(
             f"invalid interval {text!r}: write it as 30s, 5m, 1h30m or 2d"
         )
@@ -383,7 +397,7 @@ def _parse_compact_interval(compact: str, text: str) -> int:
 
 
 def _parse_wordy_interval(normalized: str, text: str) -> int:
-    match = WORDY_INTERVAL.match(normalized)
+    match = WORDY_INTERVAL.fullmatch(normalized)
     if not match or match.group(2) not in UNIT_SECONDS:
         raise FrequencyError(
             f"invalid interval {text!r}: write it as 'every N seconds|minutes|hours|days' "
@@ -424,7 +438,7 @@ def _validate_cron(normalized: str, text: str) -> str:
 
 def _cron_value(token: str, spec: tuple, text: str) -> int:
     name, lowest, highest, names = spec
-    if token.isdigit():
+    if ASCII_DIGITS.fullmatch(token):
         value = int(token)
     elif token in names:
         value = names.index(token) + (1 if name == "month" else 0)
@@ -448,7 +462,7 @@ def _validate_cron_field(field: str, spec: tuple, text: str) -> str:
     for part in field.split(","):
         base, slash, step_text = part.partition("/")
         if slash:
-            if not step_text.isdigit() or int(step_text) == 0:
+            if not ASCII_DIGITS.fullmatch(step_text) or int(step_text) == 0:
                 raise FrequencyError(
                     f"invalid step {step_text!r} in {name} field {field!r} of "
                     f"{text.strip()!r}: a step is a whole number of 1 or more"
@@ -464,6 +478,7 @@ def _validate_cron_field(field: str, spec: tuple, text: str) -> str:
             continue
         start_text, dash, end_text = base.partition("-")
         start = _cron_value(start_text, spec, text)
+        end = start
         if dash:
             end = _cron_value(end_text, spec, text)
             if end < start:
@@ -472,8 +487,13 @@ def _validate_cron_field(field: str, spec: tuple, text: str) -> str:
                 )
         elif slash:
             # `5/15` means 5-59/15, as in cronie.
-            base = f"{start_text}-{highest}"
-        parts.append(base + (f"/{step_text}" if slash else ""))
+            end = highest
+        if slash or dash:
+            # croniter 7 misreads some stepped ranges (`59-59/15` gives 0,15,30,45), so
+            # ranges are handed to it as explicit lists.
+            parts.append(",".join(str(value) for value in range(start, end + 1, int(step_text or 1))))
+        else:
+            parts.append(str(start))
     return ",".join(parts)
 
 
@@ -759,8 +779,8 @@ class TaskScheduler:
                 self._cancel(task_id)
             try:
                 self._plan(task, now)
-            except FrequencyError as error:
-                log.error("task %s has an invalid frequency and is not scheduled: %s", task_id, error)
+            except Exception as error:  # one task must never stop the others from planning
+                log.error("task %s cannot be scheduled: %s", task_id, error)
                 continue
             changes["replaced" if current is not None else "added"].append(task_id)
 
@@ -984,16 +1004,36 @@ class Runner:
             subprocess.run(["taskkill", "/T", "/F", "/PID", str(process.pid)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
             return process.wait()
-        for sig, wait in ((signal.SIGTERM, self.KILL_GRACE_SECONDS), (signal.SIGKILL, None)):
-            try:
-                os.killpg(process.pid, sig)
-            except ProcessLookupError:
+        # The shell may exit at SIGTERM while a child that ignores it lives on, so wait
+        # for the whole group to be gone, not only the shell.
+        group = process.pid
+        _signal_group(group, signal.SIGTERM)
+        deadline = time.monotonic() + self.KILL_GRACE_SECONDS
+        while time.monotonic() < deadline:
+            process.poll()
+            if not _group_alive(group):
                 break
-            try:
-                return process.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                continue
+            time.sleep(0.05)
+        else:
+            _signal_group(group, signal.SIGKILL)
         return process.wait()
+
+
+def _signal_group(group: int, sig: int) -> None:
+    try:
+        os.killpg(group, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # ---------------------------------------------------------------------------
@@ -1156,8 +1196,8 @@ class Agent:
 
     def _resolve_id(self, requested: Optional[str]) -> str:
         stored = self.store.get_meta("agent_id")
-        if requested:
-            if not AGENT_ID_PATTERN.match(requested):
+        if requested is not None:
+            if not AGENT_ID_PATTERN.fullmatch(requested):
                 raise ValueError(
                     f"invalid agent id {requested!r}: use 1-64 letters, digits, '.', '_' or '-', "
                     "starting with a letter or digit"

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from typing import Optional
+from typing import Iterator, Optional
 
 from agent import UTC, parse_frequency
 from models import Agent, Result, Task
 
-# How many of the newest executions to examine. Older ones are only served if all of
-# these are still in progress, which needs a deadline longer than this many periods.
-CANDIDATE_EXECUTIONS = 20
+# Slots read from the database at a time, newest first.
+PAGE_SIZE = 50
 
 
 @dataclasses.dataclass
@@ -33,44 +32,57 @@ class Execution:
     complete_reason: str  # "all_reported" or "deadline_passed"
 
 
-def as_utc(naive: dt.datetime) -> dt.datetime:
-    return naive.replace(tzinfo=UTC)
-
-
 def execution_deadline(task: Task, slot: dt.datetime, report_grace: float) -> dt.datetime:
     """Return when an execution counts as complete even if an expected agent is silent."""
-    aware_slot = as_utc(slot)
+    aware_slot = slot.replace(tzinfo=UTC)
     period = parse_frequency(task.frequency).next_after(aware_slot) - aware_slot
     return slot + period + dt.timedelta(seconds=report_grace)
 
 
-def expected_agents(slot: dt.datetime, now: dt.datetime, agent_timeout: float) -> list[str]:
-    online_since = now - dt.timedelta(seconds=agent_timeout)
-    query = (Agent
-             .select(Agent.id)
-             .where((Agent.registered_at <= slot) & (Agent.last_seen_at >= online_since))
-             .order_by(Agent.id))
-    return [agent.id for agent in query]
+def _reported_slots(task: Task) -> Iterator[list[dt.datetime]]:
+    """Yield the task's reported slots, newest first, a page at a time."""
+    before: Optional[dt.datetime] = None
+    while True:
+        query = Result.select(Result.scheduled_for).where(Result.task == task)
+        if before is not None:
+            query = query.where(Result.scheduled_for < before)
+        page = [row.scheduled_for for row in
+                query.distinct().order_by(Result.scheduled_for.desc()).limit(PAGE_SIZE)]
+        if not page:
+            return
+        yield page
+        before = page[-1]
 
 
 def latest_complete_execution(task: Task, now: dt.datetime, agent_timeout: float,
                               report_grace: float) -> Optional[Execution]:
-    """Return the newest complete execution of `task` at `now` (naive UTC), or None."""
-    slots = [row.scheduled_for for row in (Result
-                                           .select(Result.scheduled_for)
-                                           .where(Result.task == task)
-                                           .distinct()
-                                           .order_by(Result.scheduled_for.desc())
-                                           .limit(CANDIDATE_EXECUTIONS))]
-    for slot in slots:
-        results = list(Result
+    """Return the newest complete execution of `task` at `now` (naive UTC), or None.
+
+    The scan stops at the newest slot whose deadline has passed, because that one is
+    complete whatever was reported, so it reads a bounded number of slots.
+    """
+    online_since = now - dt.timedelta(seconds=agent_timeout)
+    online_agents = list(Agent
+                         .select(Agent.id, Agent.registered_at)
+                         .where(Agent.last_seen_at >= online_since)
+                         .order_by(Agent.id))
+
+    for page in _reported_slots(task):
+        results_by_slot: dict[dt.datetime, list[Result]] = {slot: [] for slot in page}
+        for result in (Result
                        .select()
-                       .where((Result.task == task) & (Result.scheduled_for == slot))
-                       .order_by(Result.agent_id))
-        expected = expected_agents(slot, now, agent_timeout)
-        reported = {result.agent_id for result in results}
-        if reported.issuperset(expected):
-            return Execution(slot, results, expected, "all_reported")
-        if now >= execution_deadline(task, slot, report_grace):
-            return Execution(slot, results, expected, "deadline_passed")
+                       .where((Result.task == task)
+                              & (Result.scheduled_for >= page[-1])
+                              & (Result.scheduled_for <= page[0]))
+                       .order_by(Result.agent_id)):
+            results_by_slot[result.scheduled_for].append(result)
+
+        for slot in page:
+            results = results_by_slot[slot]
+            expected = [agent.id for agent in online_agents if agent.registered_at <= slot]
+            reported = {result.agent_id for result in results}
+            if reported.issuperset(expected):
+                return Execution(slot, results, expected, "all_reported")
+            if now >= execution_deadline(task, slot, report_grace):
+                return Execution(slot, results, expected, "deadline_passed")
     return None

@@ -39,7 +39,9 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 MAX_COMMAND_LENGTH = 8192
 MAX_OUTPUT_LENGTH = 4 * 1024 * 1024
 RESULT_STATUSES = ("succeeded", "failed", "timed_out", "lost")
-TASK_ID_PATTERN = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+TASK_ID_PATTERN = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# An http(s) URL without white space or control characters.
+PUSH_URL_PATTERN = re.compile(r"https?://[^\s/?#\x00-\x1f\x7f]+(?:/[^\s\x00-\x1f\x7f]*)?")
 
 
 @dataclasses.dataclass
@@ -113,6 +115,16 @@ def read_json_object() -> dict:
     return data
 
 
+def check_encodable(value: str, field: str) -> str:
+    """Reject lone UTF-16 surrogates, which JSON escapes allow but UTF-8 cannot store."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise api_error(400, f"{field} contains a lone UTF-16 surrogate (\\ud800-\\udfff); "
+                             "send valid Unicode", field) from None
+    return value
+
+
 def required_string(data: dict, field: str, max_length: int) -> str:
     if field not in data or data[field] is None:
         raise api_error(400, f"{field} is missing", field)
@@ -123,10 +135,26 @@ def required_string(data: dict, field: str, max_length: int) -> str:
         raise api_error(400, f"{field} is empty", field)
     if len(value) > max_length:
         raise api_error(400, f"{field} is longer than {max_length} characters", field)
-    return value
+    if "\x00" in value:
+        raise api_error(400, f"{field} contains a NUL character", field)
+    return check_encodable(value, field)
 
 
-def optional_string(data: dict, field: str, max_length: int) -> str:
+def optional_label(data: dict, field: str, max_length: int = 255) -> str:
+    """Return a short descriptive string field, "" when absent or null."""
+    value = data.get(field)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise api_error(400, f"{field} must be a string or null, not {type(value).__name__}", field)
+    if len(value) > max_length:
+        raise api_error(400, f"{field} is longer than {max_length} characters", field)
+    if "\x00" in value:
+        raise api_error(400, f"{field} contains a NUL character", field)
+    return check_encodable(value, field)
+
+
+def optional_output(data: dict, field: str, max_length: int) -> str:
     value = data.get(field)
     if value is None:
         return ""
@@ -135,8 +163,18 @@ def optional_string(data: dict, field: str, max_length: int) -> str:
     if len(value) > max_length:
         raise api_error(413, f"{field} is longer than {max_length} characters; "
                              "send its head and tail only", field)
+    check_encodable(value, field)
     # PostgreSQL text columns cannot hold NUL, so it is shown as U+FFFD like other bad bytes.
     return value.replace("\x00", "\ufffd")
+
+
+def optional_boolean(data: dict, field: str) -> bool:
+    value = data.get(field, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise api_error(400, f"{field} must be true or false", field)
+    return value
 
 
 def optional_time(data: dict, field: str) -> Optional[dt.datetime]:
@@ -234,7 +272,7 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
     app.config["taskscheduler.pusher"] = pusher
 
     def find_task(task_id: str) -> Task:
-        task = Task.get_or_none(Task.id == task_id) if TASK_ID_PATTERN.match(task_id) else None
+        task = Task.get_or_none(Task.id == task_id) if TASK_ID_PATTERN.fullmatch(task_id) else None
         if task is None:
             raise api_error(404, f"task {task_id} not found", "task_id")
         return task
@@ -250,8 +288,6 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
     def create_task():
         data = read_json_object()
         command = required_string(data, "command", MAX_COMMAND_LENGTH)
-        if "\x00" in command:
-            raise api_error(400, "command contains a NUL character", "command")
         frequency = required_string(data, "frequency", 200)
         try:
             parse_frequency(frequency)
@@ -265,6 +301,14 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
         pusher.push(task_json(task), agents)
         body = dict(task_json(task), command_id=task.id, created_at=time_text(task.created_at))
         return json_response(body, 201)
+
+    @app.route("/api/v1/tasks/create", method=["GET", "PUT", "PATCH", "DELETE"])
+    def create_task_wrong_method():
+        # Without this route, GET would match /api/v1/tasks/<task_id> and answer 404.
+        response = api_error(405, f"method {bottle.request.method} is not allowed on "
+                                  "/api/v1/tasks/create; allowed: POST")
+        response.set_header("Allow", "POST")
+        return response
 
     @app.get("/api/v1/tasks")
     def list_tasks():
@@ -319,11 +363,11 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
         task = find_task(task_id)
         data = read_json_object()
         agent_id = required_string(data, "server_id", 64)
-        if not AGENT_ID_PATTERN.match(agent_id):
+        if not AGENT_ID_PATTERN.fullmatch(agent_id):
             raise api_error(400, "server_id must be 1-64 letters, digits, '.', '_' or '-', "
                                  "starting with a letter or digit", "server_id")
-        stdout = optional_string(data, "stdout", MAX_OUTPUT_LENGTH)
-        stderr = optional_string(data, "stderr", MAX_OUTPUT_LENGTH)
+        stdout = optional_output(data, "stdout", MAX_OUTPUT_LENGTH)
+        stderr = optional_output(data, "stderr", MAX_OUTPUT_LENGTH)
         exit_code = optional_exit_code(data)
         now = utc_now()
         finished_at = optional_time(data, "finished_at") or now
@@ -345,7 +389,7 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
             stdout=stdout, stderr=stderr,
             stdout_bytes=_byte_count(data, "stdout_bytes", stdout),
             stderr_bytes=_byte_count(data, "stderr_bytes", stderr),
-            truncated=bool(data.get("truncated", False)),
+            truncated=optional_boolean(data, "truncated"),
         )
         with database.atomic():
             inserted = (Result.insert(**fields)
@@ -364,21 +408,21 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
 
     @app.put("/api/v1/agents/<agent_id>")
     def register_agent(agent_id):
-        if not AGENT_ID_PATTERN.match(agent_id):
+        if not AGENT_ID_PATTERN.fullmatch(agent_id):
             raise api_error(400, "agent id must be 1-64 letters, digits, '.', '_' or '-', "
                                  "starting with a letter or digit", "agent_id")
         data = read_json_object()
         push_url = data.get("push_url")
         if push_url is not None and (not isinstance(push_url, str)
-                                     or not re.match(r"^https?://[^\s/]+", push_url)
+                                     or not PUSH_URL_PATTERN.fullmatch(push_url)
                                      or len(push_url) > 2048):
-            raise api_error(400, "push_url must be an http:// or https:// URL, or null", "push_url")
-        details = {}
-        for field in ("hostname", "platform", "version"):
-            value = data.get(field, "")
-            if not isinstance(value, str):
-                raise api_error(400, f"{field} must be a string", field)
-            details[field] = value[:255]
+            raise api_error(400, "push_url must be an http:// or https:// URL of at most "
+                                 "2048 characters, or null", "push_url")
+        details = {
+            "hostname": optional_label(data, "hostname", 255),
+            "platform": optional_label(data, "platform", 255),
+            "version": optional_label(data, "version", 64),
+        }
         now = utc_now()
         with database.atomic():
             agent = Agent.get_or_none(Agent.id == agent_id)
