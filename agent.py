@@ -502,32 +502,115 @@ def _validate_cron_field(field: str, spec: tuple, text: str) -> str:
 # ---------------------------------------------------------------------------
 
 
+class TaskError(ValueError):
+    """A task definition with an invalid field; `field` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+OVERLAP_POLICIES = ("skip", "allow", "replace")
+MAX_CATCHUP_SECONDS = 366 * 86400
+MAX_JITTER_SECONDS = 3600
+MAX_TIMEOUT_SECONDS = 86400
+# A slot may start this late and still run; later it counts as missed, unless the
+# task's catch-up window is longer.
+MISFIRE_GRACE_SECONDS = 5.0
+
+
+def _number_option(data: dict, field: str, default, maximum: float, minimum: float = 0.0,
+                   allow_none: bool = False):
+    value = data.get(field, default)
+    if value is None and (allow_none or default is None):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise TaskError(field, f"{field} must be a number of seconds")
+    if not minimum <= value <= maximum:
+        raise TaskError(field, f"{field} must be between {minimum:g} and {maximum:g} seconds, not {value:g}")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """A task as the agent runs it. Two tasks are the same schedule when they are equal."""
+    """A task as the agent runs it. Two tasks are the same schedule when they are equal.
+
+    Options beyond command and frequency:
+
+    - timezone: IANA zone that cron expressions are read in (intervals ignore it);
+    - catchup: seconds after a missed slot within which the agent still runs it once
+      when it comes back (0: missed slots are only reported);
+    - overlap: what happens at a slot while the previous run still goes: `skip` it
+      (reported as skipped), `allow` a second run, or `replace` (stop the old run);
+    - jitter: the start is delayed by a fixed per-agent amount below this many
+      seconds, while the run still belongs to its slot;
+    - timeout: seconds a run may last; None means the task's period, at most 1 hour.
+    """
 
     task_id: str
     command: str
     frequency: str
+    timezone: str = "UTC"
+    catchup: float = 0
+    overlap: str = "skip"
+    jitter: float = 0
+    timeout: Optional[float] = None
 
     @classmethod
     def from_json(cls, data: object) -> "Task":
-        """Build a Task from a JSON object, or raise ValueError naming the bad field."""
+        """Build a Task from a JSON object, or raise TaskError naming the bad field."""
         if not isinstance(data, dict):
-            raise ValueError("a task must be a JSON object with task_id, command and frequency")
+            raise TaskError("task", "a task must be a JSON object with task_id, command and frequency")
         for field in ("task_id", "command", "frequency"):
             value = data.get(field)
             if not isinstance(value, str) or not value.strip():
-                raise ValueError(f"task field {field!r} is missing or not a non-empty string")
-        task = cls(task_id=data["task_id"], command=data["command"], frequency=data["frequency"])
-        task.parsed_frequency()
+                raise TaskError(field, f"{field} is missing or not a non-empty string")
+        options = validate_task_options(data)
+        task = cls(task_id=data["task_id"], command=data["command"], frequency=data["frequency"],
+                   **options)
+        try:
+            task.parsed_frequency()
+        except FrequencyError as error:
+            raise TaskError("frequency", str(error)) from None
         return task
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
     def parsed_frequency(self) -> Frequency:
-        return parse_frequency(self.frequency)
+        return _parse_frequency_cached(self.frequency, self.timezone)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_frequency_cached(text: str, timezone: str) -> Frequency:
+    return parse_frequency(text, timezone)
+
+
+def validate_task_options(data: dict) -> dict:
+    """Return the task options found in `data` with defaults, or raise TaskError."""
+    timezone = data.get("timezone")
+    if timezone is None:
+        timezone = "UTC"
+    if not isinstance(timezone, str) or not timezone.strip():
+        raise TaskError("timezone", "timezone must be an IANA zone name such as Europe/Berlin")
+    try:
+        zone_for(timezone)
+    except FrequencyError as error:
+        raise TaskError("timezone", str(error)) from None
+
+    overlap = data.get("overlap")
+    if overlap is None:
+        overlap = "skip"
+    if overlap not in OVERLAP_POLICIES:
+        raise TaskError("overlap", f"overlap must be one of {', '.join(OVERLAP_POLICIES)}")
+
+    return {
+        "timezone": timezone,
+        "catchup": _number_option(data, "catchup", 0, MAX_CATCHUP_SECONDS, allow_none=True) or 0,
+        "overlap": overlap,
+        "jitter": _number_option(data, "jitter", 0, MAX_JITTER_SECONDS, allow_none=True) or 0,
+        "timeout": _number_option(data, "timeout", None, MAX_TIMEOUT_SECONDS, minimum=1.0),
+    }
 
 
 @dataclasses.dataclass
@@ -1355,12 +1438,13 @@ class PushHandler(http.server.BaseHTTPRequestHandler):
             return
         try:
             data = json.loads(self.rfile.read(length) or b"null")
-            task = Task.from_json(data)
-        except json.JSONDecodeError as error:
+        except ValueError as error:  # also UnicodeDecodeError for bytes that are not UTF-8
             self._send_json(400, {"error": f"body is not valid JSON: {error}"})
             return
-        except ValueError as error:
-            self._send_json(400, {"error": str(error)})
+        try:
+            task = Task.from_json(data)
+        except TaskError as error:
+            self._send_json(400, {"error": str(error), "field": error.field})
             return
         outcome = self.agent.accept_pushed_task(task)
         self._send_json(200, {"task_id": task.task_id, "agent_id": self.agent.agent_id, "result": outcome})

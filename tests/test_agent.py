@@ -729,7 +729,7 @@ def test_push_rejects_missing_field(push, http):
     response = http.post(url, json={"task_id": "t1", "command": "echo hi"}, timeout=5)
 
     assert response.status_code == 400
-    assert "'frequency'" in response.json()["error"]
+    assert response.json()["field"] == "frequency"
 
 
 def test_push_unknown_path_is_404(push, http):
