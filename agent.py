@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import functools
+import hashlib
 import http.server
 import json
 import logging
@@ -59,10 +60,19 @@ ON_WINDOWS = os.name == "nt"
 
 
 class Clock:
-    """The wall clock, read through one object so that tests can replace it."""
+    """The clocks the agent reads, through one object so that tests can replace it."""
 
     def now(self) -> dt.datetime:
+        """Return the wall-clock time as an aware UTC datetime."""
         return dt.datetime.now(UTC)
+
+    def monotonic(self) -> float:
+        """Return seconds of a clock that never steps, for measuring elapsed time."""
+        return time.monotonic()
+
+    def local_offset(self) -> Optional[dt.timedelta]:
+        """Return the host's current UTC offset, which `schedule`'s naive times follow."""
+        return dt.datetime.now().astimezone().utcoffset()
 
 
 def format_time(instant: Optional[dt.datetime]) -> Optional[str]:
@@ -615,7 +625,7 @@ def validate_task_options(data: dict) -> dict:
 
 @dataclasses.dataclass
 class RunResult:
-    """One run of a task on this host, as stored in the outbox and reported to the server."""
+    """One run (or skipped or missed slot) of a task on this host, as reported to the server."""
 
     task_id: str
     scheduled_for: dt.datetime
@@ -623,11 +633,15 @@ class RunResult:
     finished_at: dt.datetime
     exit_code: Optional[int]
     status: str
-    stdout: str
-    stderr: str
+    stdout: str = ""
+    stderr: str = ""
     stdout_bytes: int = 0
     stderr_bytes: int = 0
     truncated: bool = False
+    late: bool = False
+    reason: str = ""
+    missed_slots: int = 0
+    first_missed: Optional[dt.datetime] = None
 
 
 class StateStore:
@@ -639,9 +653,13 @@ class StateStore:
 
     SCHEMA = (
         "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-        "CREATE TABLE IF NOT EXISTS tasks (task_id TEXT PRIMARY KEY, body TEXT NOT NULL)",
-        # One row per run: written with status 'running' before the command starts, so
-        # a restarted agent knows which slots it already ran.
+        # known_since: when this agent got the task (or its last change); slots before it
+        # were never this agent's to run, so they never count as missed.
+        "CREATE TABLE IF NOT EXISTS tasks ("
+        " task_id TEXT PRIMARY KEY, body TEXT NOT NULL, known_since TEXT)",
+        # One row per slot the agent dealt with: written with status 'running' before the
+        # command starts, or as skipped or missed, so a restarted agent knows which slots
+        # it already handled. Unreported rows are the outbox.
         "CREATE TABLE IF NOT EXISTS runs ("
         " task_id TEXT NOT NULL, scheduled_for TEXT NOT NULL, status TEXT NOT NULL,"
         " body TEXT, reported INTEGER NOT NULL DEFAULT 0,"
@@ -660,6 +678,9 @@ class StateStore:
         self._connection.execute("PRAGMA busy_timeout=5000")
         for statement in self.SCHEMA:
             self._connection.execute(statement)
+        columns = {row[1] for row in self._connection.execute("PRAGMA table_info(tasks)")}
+        if "known_since" not in columns:
+            self._connection.execute("ALTER TABLE tasks ADD COLUMN known_since TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -681,11 +702,25 @@ class StateStore:
     def tasks(self) -> list[Task]:
         with self._lock:
             rows = self._connection.execute("SELECT body FROM tasks ORDER BY task_id").fetchall()
-        return [Task(**json.loads(body)) for (body,) in rows]
+        tasks = []
+        for (body,) in rows:
+            try:
+                tasks.append(Task.from_json(json.loads(body)))
+            except (ValueError, TypeError) as error:
+                log.error("stored task is not valid and is ignored: %s", error)
+        return tasks
 
-    def upsert_task(self, task: Task) -> str:
+    def known_since(self, task_id: str) -> Optional[dt.datetime]:
+        with self._lock:
+            row = self._connection.execute(
+                "SELECT known_since FROM tasks WHERE task_id = ?", (task_id,)
+            ).fetchone()
+        return parse_time(row[0]) if row and row[0] else None
+
+    def upsert_task(self, task: Task, now: Optional[dt.datetime] = None) -> str:
         """Store one task and return 'added', 'replaced' or 'unchanged'."""
-        body = json.dumps(task.to_json(), sort_keys=True)
+        body = _task_body(task)
+        known_since = _slot_key(now or dt.datetime.now(UTC))
         with self._lock, self._connection:
             row = self._connection.execute(
                 "SELECT body FROM tasks WHERE task_id = ?", (task.task_id,)
@@ -693,25 +728,31 @@ class StateStore:
             if row and row[0] == body:
                 return "unchanged"
             self._connection.execute(
-                "INSERT OR REPLACE INTO tasks (task_id, body) VALUES (?, ?)", (task.task_id, body)
+                "INSERT OR REPLACE INTO tasks (task_id, body, known_since) VALUES (?, ?, ?)",
+                (task.task_id, body, known_since),
             )
         return "replaced" if row else "added"
 
-    def replace_tasks(self, tasks: Iterable[Task]) -> bool:
+    def replace_tasks(self, tasks: Iterable[Task], now: Optional[dt.datetime] = None) -> bool:
         """Make the stored task list exactly `tasks`; return whether anything changed."""
-        wanted = {task.task_id: json.dumps(task.to_json(), sort_keys=True) for task in tasks}
+        wanted = {task.task_id: _task_body(task) for task in tasks}
+        known_since = _slot_key(now or dt.datetime.now(UTC))
         with self._lock, self._connection:
             self._connection.execute("BEGIN IMMEDIATE")
             current = dict(self._connection.execute("SELECT task_id, body FROM tasks").fetchall())
             if current == wanted:
                 return False
-            self._connection.execute("DELETE FROM tasks")
+            removed = [(task_id,) for task_id in current if task_id not in wanted]
+            self._connection.executemany("DELETE FROM tasks WHERE task_id = ?", removed)
+            changed = [(task_id, body, known_since) for task_id, body in wanted.items()
+                       if current.get(task_id) != body]
             self._connection.executemany(
-                "INSERT INTO tasks (task_id, body) VALUES (?, ?)", wanted.items()
+                "INSERT OR REPLACE INTO tasks (task_id, body, known_since) VALUES (?, ?, ?)", changed
             )
         return True
 
     def last_slot(self, task_id: str) -> Optional[dt.datetime]:
+        """Return the newest slot this agent ran, skipped or reported missed for the task."""
         with self._lock:
             row = self._connection.execute(
                 "SELECT MAX(scheduled_for) FROM runs WHERE task_id = ?", (task_id,)
@@ -719,11 +760,21 @@ class StateStore:
         return parse_time(row[0]) if row and row[0] else None
 
     def record_start(self, task_id: str, slot: dt.datetime) -> bool:
-        """Record that the run of `slot` starts; return False if that slot already ran."""
+        """Record that the run of `slot` starts; return False if that slot was already handled."""
         with self._lock:
             cursor = self._connection.execute(
                 "INSERT OR IGNORE INTO runs (task_id, scheduled_for, status) VALUES (?, ?, 'running')",
                 (task_id, _slot_key(slot)),
+            )
+        return cursor.rowcount == 1
+
+    def record_outcome(self, result: RunResult) -> bool:
+        """Record a slot that did not run (skipped or missed); return False if already handled."""
+        with self._lock:
+            cursor = self._connection.execute(
+                "INSERT OR IGNORE INTO runs (task_id, scheduled_for, status, body) VALUES (?, ?, ?, ?)",
+                (result.task_id, _slot_key(result.scheduled_for), result.status,
+                 json.dumps(_result_payload(result))),
             )
         return cursor.rowcount == 1
 
@@ -742,12 +793,10 @@ class StateStore:
                 "SELECT task_id, scheduled_for FROM runs WHERE status = 'running'"
             ).fetchall()
         for task_id, slot_key in rows:
-            slot = parse_time(slot_key)
             self.record_finish(RunResult(
-                task_id=task_id, scheduled_for=slot, started_at=None, finished_at=now,
-                exit_code=None, status="lost", stdout="",
-                stderr="taskscheduler: the agent stopped while this run was going; "
-                       "its output and exit code are unknown",
+                task_id=task_id, scheduled_for=parse_time(slot_key), started_at=None,
+                finished_at=now, exit_code=None, status="lost",
+                reason="the agent stopped while this run was going; its output and exit code are unknown",
             ))
         return len(rows)
 
@@ -780,13 +829,17 @@ class StateStore:
             )
 
 
+def _task_body(task: Task) -> str:
+    return json.dumps(task.to_json(), sort_keys=True)
+
+
 def _slot_key(slot: dt.datetime) -> str:
     # Fixed-width text sorts in time order, which the outbox query relies on.
     return slot.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _result_payload(result: RunResult) -> dict:
-    return {
+    payload = {
         "scheduled_for": format_time(result.scheduled_for),
         "started_at": format_time(result.started_at),
         "finished_at": format_time(result.finished_at),
@@ -798,11 +851,48 @@ def _result_payload(result: RunResult) -> dict:
         "stderr_bytes": result.stderr_bytes,
         "truncated": result.truncated,
     }
+    if result.late:
+        payload["late"] = True
+    if result.reason:
+        payload["reason"] = result.reason
+    if result.status == "missed":
+        payload["missed_slots"] = result.missed_slots
+        payload["first_missed"] = format_time(result.first_missed)
+    return payload
 
 
 # ---------------------------------------------------------------------------
 # The task scheduler
 # ---------------------------------------------------------------------------
+
+
+def jitter_offset(agent_id: str, task: Task, slot: dt.datetime) -> float:
+    """Return this agent's start delay for a slot: fixed per agent, task and slot, below jitter."""
+    if not task.jitter:
+        return 0.0
+    digest = hashlib.sha256(f"{agent_id}\0{task.task_id}\0{_slot_key(slot)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64 * task.jitter
+
+
+def count_slots(frequency: Frequency, after: dt.datetime, until: dt.datetime,
+                limit: int = 100_000) -> int:
+    """Count the slots in (after, until], stopping at `limit`."""
+    if isinstance(frequency, IntervalFrequency):
+        period = dt.timedelta(seconds=frequency.seconds)
+        return min(max((until - EPOCH) // period - (after - EPOCH) // period, 0), limit)
+    count = 0
+    slot = frequency.next_after(after)
+    while slot <= until and count < limit:
+        count += 1
+        slot = frequency.next_after(slot)
+    return count
+
+
+@dataclasses.dataclass
+class PlannedTask:
+    task: Task
+    slot: dt.datetime
+    job: schedule.Job
 
 
 class TaskScheduler:
@@ -814,21 +904,39 @@ class TaskScheduler:
     (`run_forever`, or whoever calls `run_pending`) touches it. Other threads hand it
     a new task list through `request_reconcile`.
 
-    A slot that has already run (recorded in the state store) is never planned again,
-    so a restarted agent does not repeat it. Slots missed while the agent was down or
-    blocked are not run late.
+    Every slot is handled once, also across restarts, because the state store keeps
+    the newest slot handled per task:
+
+    1. A slot that starts within `MISFIRE_GRACE_SECONDS` of its time (plus the task's
+       jitter) runs.
+    2. Slots the agent could not start in time (it was stopped, asleep, blocked, or the
+       wall clock jumped forward) are missed: they are reported as one missed record
+       with their count. The newest of them still runs once, marked late, if it is
+       within the task's catch-up window.
+    3. When the wall clock steps back, slots already handled are not run again: the
+       task waits for its first slot after the newest one handled.
     """
 
-    def __init__(self, store: StateStore, fire: Callable[[Task, dt.datetime], None],
-                 clock: Optional[Clock] = None, max_sleep: float = 60.0):
+    # A difference between wall-clock and monotonic time over one loop turn larger than
+    # this is taken as a step of the wall clock.
+    CLOCK_STEP_SECONDS = 1.0
+
+    def __init__(self, store: StateStore, fire: Callable[[Task, dt.datetime, bool], None],
+                 missed: Optional[Callable[[Task, dt.datetime, dt.datetime, int], None]] = None,
+                 clock: Optional[Clock] = None, max_sleep: float = 60.0, agent_id: str = ""):
         self.store = store
         self.clock = clock or Clock()
         self.max_sleep = max_sleep
+        self.agent_id = agent_id
         self._fire_callback = fire
+        self._missed_callback = missed or (lambda task, first, last, count: None)
         self._scheduler = schedule.Scheduler()
-        self._planned: dict[str, tuple[Task, dt.datetime, schedule.Job]] = {}
+        self._planned: dict[str, PlannedTask] = {}
         self._requests: "queue.SimpleQueue[list[Task]]" = queue.SimpleQueue()
         self._wakeup = threading.Event()
+        self._clock_reading: Optional[tuple[dt.datetime, float, Optional[dt.timedelta]]] = None
+        # When each task was first planned, for tasks the store has no known_since for.
+        self._first_planned: dict[str, dt.datetime] = {}
 
     def request_reconcile(self, tasks: list[Task]) -> None:
         """Ask the loop thread to make the planned tasks exactly `tasks`. Thread-safe."""
@@ -837,7 +945,11 @@ class TaskScheduler:
 
     def planned(self) -> dict[str, dt.datetime]:
         """Return the next planned slot of each task (loop thread or tests only)."""
-        return {task_id: slot for task_id, (_task, slot, _job) in self._planned.items()}
+        return {task_id: planned.slot for task_id, planned in self._planned.items()}
+
+    def jobs(self) -> list[schedule.Job]:
+        """Return the pending `schedule` jobs (loop thread or tests only)."""
+        return list(self._scheduler.jobs)
 
     def reconcile(self, tasks: list[Task], now: Optional[dt.datetime] = None) -> dict[str, list[str]]:
         """Plan new tasks, re-plan changed ones and drop removed ones.
@@ -852,15 +964,19 @@ class TaskScheduler:
         for task_id in list(self._planned):
             if task_id not in wanted:
                 self._cancel(task_id)
+                self._first_planned.pop(task_id, None)
                 changes["removed"].append(task_id)
 
         for task_id, task in wanted.items():
             current = self._planned.get(task_id)
-            if current is not None and current[0] == task and not self._drifted(current, now):
+            if current is not None and current.task == task and not self._drifted(current, now):
                 continue
             if current is not None:
                 self._cancel(task_id)
+            if current is None or current.task != task:
+                self._first_planned[task_id] = now
             try:
+                self._handle_due_slots(task, now)
                 self._plan(task, now)
             except Exception as error:  # one task must never stop the others from planning
                 log.error("task %s cannot be scheduled: %s", task_id, error)
@@ -872,54 +988,111 @@ class TaskScheduler:
                 log.info("tasks %s: %s", kind, ", ".join(task_ids))
         return changes
 
-    def _drifted(self, planned: tuple[Task, dt.datetime, schedule.Job], now: dt.datetime) -> bool:
+    def replan_all(self, now: Optional[dt.datetime] = None) -> None:
+        """Re-plan every task from `now`, for example after the wall clock stepped."""
+        now = now or self.clock.now()
+        for task_id in list(self._planned):
+            task = self._planned[task_id].task
+            self._cancel(task_id)
+            try:
+                self._handle_due_slots(task, now)
+                self._plan(task, now)
+            except Exception as error:
+                log.error("task %s cannot be scheduled: %s", task_id, error)
+
+    def _drifted(self, planned: PlannedTask, now: dt.datetime) -> bool:
         """Return whether a job's due time no longer matches its slot.
 
         `schedule` keeps due times in naive local time, so a step of the wall clock or a
-        change of the host's UTC offset moves them away from the slot; re-planning fixes it.
+        change of the host's UTC offset moves them away from the slot.
         """
-        _task, slot, job = planned
-        if job.next_run is None:
+        if planned.job.next_run is None:
             return False
-        expected = dt.datetime.now() + (slot - now)
-        return abs((job.next_run - expected).total_seconds()) > 1.0
+        start = planned.slot + dt.timedelta(seconds=jitter_offset(self.agent_id, planned.task, planned.slot))
+        expected = dt.datetime.now() + (start - now)
+        return abs((planned.job.next_run - expected).total_seconds()) > self.CLOCK_STEP_SECONDS
+
+    def _handle_due_slots(self, task: Task, now: dt.datetime) -> None:
+        """Run or report the task's slots that are due at `now` and not handled yet."""
+        frequency = task.parsed_frequency()
+        handled = self.store.last_slot(task.task_id)
+        known_since = self.store.known_since(task.task_id) or self._first_planned.get(task.task_id)
+        after = max((instant for instant in (handled, known_since) if instant is not None), default=now)
+        if after >= now:
+            return
+        latest = frequency.latest_at_or_before(now)
+        if latest <= after:
+            return
+
+        count = count_slots(frequency, after, now)
+        start = latest + dt.timedelta(seconds=jitter_offset(self.agent_id, task, latest))
+        lateness = (now - start).total_seconds()
+        runs_latest = lateness <= max(MISFIRE_GRACE_SECONDS, task.catchup)
+        if runs_latest:
+            count -= 1
+        if count > 0:
+            first = frequency.next_after(after)
+            last = latest if not runs_latest else frequency.latest_at_or_before(latest - dt.timedelta(microseconds=1))
+            self._missed_callback(task, first, last, count)
+        if runs_latest:
+            self._fire_callback(task, latest, lateness > MISFIRE_GRACE_SECONDS)
 
     def _plan(self, task: Task, now: dt.datetime) -> dt.datetime:
         after = now
-        last_slot = self.store.last_slot(task.task_id)
-        if last_slot is not None and last_slot > after:
-            after = last_slot
+        handled = self.store.last_slot(task.task_id)
+        if handled is not None and handled > after:
+            after = handled
         slot = task.parsed_frequency().next_after(after)
+        start = slot + dt.timedelta(seconds=jitter_offset(self.agent_id, task, slot))
         # schedule computes its due time from its own clock reading, so hand it the
         # remaining delay. A delay of zero would make schedule loop forever.
-        delay = max((slot - now).total_seconds(), 0.001)
+        delay = max((start - now).total_seconds(), 0.001)
         job = self._scheduler.every(delay).seconds.do(self._fire, task.task_id, slot)
-        self._planned[task.task_id] = (task, slot, job)
+        self._planned[task.task_id] = PlannedTask(task, slot, job)
         return slot
 
     def _cancel(self, task_id: str) -> None:
-        _task, _slot, job = self._planned.pop(task_id)
-        self._scheduler.cancel_job(job)
+        planned = self._planned.pop(task_id)
+        self._scheduler.cancel_job(planned.job)
 
     def _fire(self, task_id: str, slot: dt.datetime):
         now = self.clock.now()
-        entry = self._planned.pop(task_id, None)
-        if entry is None:
+        planned = self._planned.pop(task_id, None)
+        if planned is None:
             return schedule.CancelJob
-        task = entry[0]
         try:
-            self._plan(task, max(now, slot))
-        except Exception:
-            log.exception("task %s could not be planned after slot %s", task_id, format_time(slot))
-        try:
-            self._fire_callback(task, slot)
+            self._handle_due_slots(planned.task, now)
         except Exception:
             # One task's failure must never end the loop.
             log.exception("task %s failed to start for slot %s", task_id, format_time(slot))
+        try:
+            self._plan(planned.task, now)
+        except Exception:
+            log.exception("task %s could not be planned after slot %s", task_id, format_time(slot))
         return schedule.CancelJob
+
+    def _check_clock(self) -> None:
+        """Re-plan everything when the wall clock stepped or the host's UTC offset changed."""
+        now = self.clock.now()
+        monotonic = self.clock.monotonic()
+        offset = self.clock.local_offset()
+        previous = self._clock_reading
+        self._clock_reading = (now, monotonic, offset)
+        if previous is None:
+            return
+        wall_elapsed = (now - previous[0]).total_seconds()
+        step = wall_elapsed - (monotonic - previous[1])
+        if abs(step) > self.CLOCK_STEP_SECONDS:
+            log.warning("wall clock stepped by %+.1f s; re-planning %d tasks", step, len(self._planned))
+            self.replan_all(now)
+        elif offset != previous[2]:
+            log.info("host UTC offset changed from %s to %s; re-planning %d tasks",
+                     previous[2], offset, len(self._planned))
+            self.replan_all(now)
 
     def run_pending(self) -> Optional[float]:
         """Apply waiting reconcile requests, fire due jobs, and return seconds until the next one."""
+        self._check_clock()
         latest: Optional[list[Task]] = None
         while True:
             try:
@@ -1022,11 +1195,13 @@ class Runner:
         os.makedirs(work_dir, exist_ok=True)
 
     def timeout_for(self, task: Task, slot: dt.datetime) -> float:
-        """The run's time limit: the task's interval up to the next slot, at most 1 hour."""
+        """The run's time limit: the task's timeout, or its period up to the next slot, at most 1 hour."""
+        if task.timeout is not None:
+            return float(task.timeout)
         period = (task.parsed_frequency().next_after(slot) - slot).total_seconds()
         return min(max(period, 1.0), self.MAX_TIMEOUT_SECONDS)
 
-    def run(self, task: Task, slot: dt.datetime) -> RunResult:
+    def run(self, task: Task, slot: dt.datetime, handle: Optional["RunHandle"] = None) -> RunResult:
         env = dict(os.environ)
         env["TASKSCHEDULER_TASK_ID"] = task.task_id
         env["TASKSCHEDULER_AGENT_ID"] = self.agent_id
@@ -1051,6 +1226,8 @@ class Runner:
                 stdout="", stderr=f"taskscheduler could not start the shell: {error}",
             )
 
+        if handle is not None:
+            handle.attach(process)
         stdout, stderr = BoundedOutput(self.output_limit), BoundedOutput(self.output_limit)
         readers = [
             threading.Thread(target=_drain, args=(process.stdout, stdout), daemon=True),
@@ -1064,8 +1241,10 @@ class Runner:
             exit_code = process.wait(timeout=self.timeout_for(task, slot))
         except subprocess.TimeoutExpired:
             status = "timed_out"
-            exit_code = self._kill_tree(process)
+            exit_code = kill_process_tree(process, self.KILL_GRACE_SECONDS)
         finished_at = self.clock.now()
+        if handle is not None and handle.cancelled:
+            status = "cancelled"
 
         deadline = time.monotonic() + self.PIPE_GRACE_SECONDS
         for reader in readers:
@@ -1073,33 +1252,70 @@ class Runner:
 
         if status == "succeeded" and exit_code != 0:
             status = "failed"
+        reason = ""
+        if status == "timed_out":
+            reason = f"the run lasted longer than its timeout of {self.timeout_for(task, slot):g} s"
+        elif status == "cancelled":
+            reason = "the run was stopped because the next slot replaced it"
         return RunResult(
             task_id=task.task_id, scheduled_for=slot, started_at=started_at,
             finished_at=finished_at, exit_code=exit_code, status=status,
             stdout=stdout.text(), stderr=stderr.text(),
             stdout_bytes=stdout.total, stderr_bytes=stderr.total,
-            truncated=stdout.truncated or stderr.truncated,
+            truncated=stdout.truncated or stderr.truncated, reason=reason,
         )
 
-    def _kill_tree(self, process: subprocess.Popen) -> Optional[int]:
-        """Stop the run's whole process group: SIGTERM, then SIGKILL after a grace period."""
-        if ON_WINDOWS:
-            subprocess.run(["taskkill", "/T", "/F", "/PID", str(process.pid)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-            return process.wait()
-        # The shell may exit at SIGTERM while a child that ignores it lives on, so wait
-        # for the whole group to be gone, not only the shell.
-        group = process.pid
-        _signal_group(group, signal.SIGTERM)
-        deadline = time.monotonic() + self.KILL_GRACE_SECONDS
-        while time.monotonic() < deadline:
-            process.poll()
-            if not _group_alive(group):
-                break
-            time.sleep(0.05)
-        else:
-            _signal_group(group, signal.SIGKILL)
+
+class RunHandle:
+    """A run in progress, which another thread can stop (overlap policy `replace`)."""
+
+    def __init__(self, task: Task, slot: dt.datetime, kill_grace: float = Runner.KILL_GRACE_SECONDS):
+        self.task = task
+        self.slot = slot
+        self.kill_grace = kill_grace
+        self.cancelled = False
+        self._process: Optional[subprocess.Popen] = None
+        self._lock = threading.Lock()
+
+    def attach(self, process: subprocess.Popen) -> None:
+        with self._lock:
+            self._process = process
+            cancelled = self.cancelled
+        if cancelled:
+            self._kill_in_background(process)
+
+    def cancel(self) -> None:
+        """Stop the run's process tree without blocking the caller."""
+        with self._lock:
+            self.cancelled = True
+            process = self._process
+        if process is not None:
+            self._kill_in_background(process)
+
+    def _kill_in_background(self, process: subprocess.Popen) -> None:
+        threading.Thread(target=kill_process_tree, args=(process, self.kill_grace),
+                         name="kill", daemon=True).start()
+
+
+def kill_process_tree(process: subprocess.Popen, grace: float) -> Optional[int]:
+    """Stop a run's whole process group: SIGTERM, then SIGKILL after `grace` seconds."""
+    if ON_WINDOWS:
+        subprocess.run(["taskkill", "/T", "/F", "/PID", str(process.pid)],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
         return process.wait()
+    # The shell may exit at SIGTERM while a child that ignores it lives on, so wait
+    # for the whole group to be gone, not only the shell.
+    group = process.pid
+    _signal_group(group, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        process.poll()
+        if not _group_alive(group):
+            break
+        time.sleep(0.05)
+    else:
+        _signal_group(group, signal.SIGKILL)
+    return process.wait()
 
 
 def _signal_group(group: int, sig: int) -> None:
@@ -1258,21 +1474,25 @@ class Agent:
 
     def __init__(self, server_url: str, state_dir: str, agent_id: Optional[str] = None,
                  push_url: Optional[str] = None, sync_interval: float = 5.0,
-                 max_concurrent_runs: int = 16, work_dir: Optional[str] = None,
-                 clock: Optional[Clock] = None):
+                 max_concurrent_runs: int = 16, when_busy: str = "queue",
+                 work_dir: Optional[str] = None, clock: Optional[Clock] = None):
         self.clock = clock or Clock()
         self.store = StateStore(state_dir)
         self.agent_id = self._resolve_id(agent_id)
         self.push_url = push_url
         self.sync_interval = sync_interval
+        self.max_concurrent_runs = max_concurrent_runs
+        self.when_busy = when_busy
         self.client = ServerClient(server_url, self.agent_id)
         self.runner = Runner(self.agent_id, work_dir or os.path.join(state_dir, "work"), clock=self.clock)
         self.sender = ReportSender(self.store, self.client)
-        self.scheduler = TaskScheduler(self.store, self.start_run, clock=self.clock,
-                                       max_sleep=max(sync_interval, 1.0))
+        self.scheduler = TaskScheduler(self.store, self.start_run, missed=self.record_missed,
+                                       clock=self.clock, max_sleep=max(sync_interval, 1.0),
+                                       agent_id=self.agent_id)
         self.pool = ThreadPoolExecutor(max_workers=max_concurrent_runs, thread_name_prefix="run")
         self.stop_event = threading.Event()
-        self._running: set[str] = set()
+        self._running: dict[str, list[RunHandle]] = {}
+        self._active_runs = 0
         self._running_lock = threading.Lock()
         self._registered = False
         self._sync_backoff = Backoff(initial=sync_interval, maximum=max(60.0, sync_interval))
@@ -1299,29 +1519,71 @@ class Agent:
 
     # Runs ------------------------------------------------------------------
 
-    def start_run(self, task: Task, slot: dt.datetime) -> None:
-        """Hand a due slot to a worker thread. Called on the loop thread; never blocks."""
+    def start_run(self, task: Task, slot: dt.datetime, late: bool = False) -> None:
+        """Start a due slot in a worker thread, or record why it is skipped.
+
+        Called on the loop thread, so it never waits for a command.
+        """
         with self._running_lock:
-            if task.task_id in self._running:
-                # NOTE: the skipped slot is logged but not yet reported to the server.
-                log.warning("task %s slot %s skipped: the previous run is still going",
-                            task.task_id, format_time(slot))
-                return
-            self._running.add(task.task_id)
+            going = list(self._running.get(task.task_id, ()))
+            busy = self._active_runs >= self.max_concurrent_runs
+        if going and task.overlap == "skip":
+            self._record_skipped(task, slot, "the previous run was still going")
+            return
+        if busy and self.when_busy == "skip":
+            self._record_skipped(task, slot, f"the agent was busy with {self.max_concurrent_runs} runs")
+            return
         if not self.store.record_start(task.task_id, slot):
-            with self._running_lock:
-                self._running.discard(task.task_id)
             log.info("task %s slot %s already ran, not repeated", task.task_id, format_time(slot))
             return
-        self.pool.submit(self._run, task, slot)
+        if going and task.overlap == "replace":
+            for handle in going:
+                log.info("task %s slot %s stopped: slot %s replaces it",
+                         task.task_id, format_time(handle.slot), format_time(slot))
+                handle.cancel()
+        if busy:
+            log.info("task %s slot %s queued: %d runs are going", task.task_id, format_time(slot),
+                     self.max_concurrent_runs)
 
-    def _run(self, task: Task, slot: dt.datetime) -> None:
+        handle = RunHandle(task, slot)
+        with self._running_lock:
+            self._running.setdefault(task.task_id, []).append(handle)
+            self._active_runs += 1
+        self.pool.submit(self._run, handle, late)
+
+    def _record_skipped(self, task: Task, slot: dt.datetime, reason: str) -> None:
+        now = self.clock.now()
+        recorded = self.store.record_outcome(RunResult(
+            task_id=task.task_id, scheduled_for=slot, started_at=None, finished_at=now,
+            exit_code=None, status="skipped", reason=reason,
+        ))
+        if recorded:
+            log.warning("task %s slot %s skipped: %s", task.task_id, format_time(slot), reason)
+            self.sender.notify()
+
+    def record_missed(self, task: Task, first: dt.datetime, last: dt.datetime, count: int) -> None:
+        """Record slots that could not start in time as one missed report."""
+        recorded = self.store.record_outcome(RunResult(
+            task_id=task.task_id, scheduled_for=last, started_at=None, finished_at=self.clock.now(),
+            exit_code=None, status="missed", missed_slots=count, first_missed=first,
+            reason="the agent could not start these slots in time (stopped, asleep, blocked "
+                   "or the clock jumped)",
+        ))
+        if recorded:
+            log.warning("task %s missed %d slots from %s to %s", task.task_id, count,
+                        format_time(first), format_time(last))
+            self.sender.notify()
+
+    def _run(self, handle: RunHandle, late: bool) -> None:
+        task, slot = handle.task, handle.slot
         try:
-            result = self.runner.run(task, slot)
-            duration = (result.finished_at - result.started_at).total_seconds()
-            log.info("task %s slot %s %s: exit code %s, %.3f s, lag %.1f ms",
+            result = self.runner.run(task, slot, handle)
+            result.late = late
+            duration = (result.finished_at - result.started_at).total_seconds() if result.started_at else 0.0
+            lag = (result.started_at - slot).total_seconds() * 1000 if result.started_at else 0.0
+            log.info("task %s slot %s %s: exit code %s, %.3f s, start lag %.1f ms%s",
                      task.task_id, format_time(slot), result.status, result.exit_code, duration,
-                     (result.started_at - slot).total_seconds() * 1000)
+                     lag, " (late)" if late else "")
             self.store.record_finish(result)
             self.sender.notify()
         except Exception:
@@ -1329,7 +1591,12 @@ class Agent:
                           task.task_id, format_time(slot))
         finally:
             with self._running_lock:
-                self._running.discard(task.task_id)
+                handles = self._running.get(task.task_id, [])
+                if handle in handles:
+                    handles.remove(handle)
+                if not handles:
+                    self._running.pop(task.task_id, None)
+                self._active_runs -= 1
 
     # Sync ------------------------------------------------------------------
 
@@ -1513,6 +1780,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds between task list fetches from the server (default: 5)")
     parser.add_argument("--max-concurrent-runs", type=positive_int, default=16, metavar="N",
                         help="commands run at once at most; more wait in a queue (default: 16)")
+    parser.add_argument("--when-busy", choices=["queue", "skip"], default="queue",
+                        help="what happens to a slot when --max-concurrent-runs commands are "
+                             "running: wait in a queue, or skip it and report it skipped "
+                             "(default: queue)")
     parser.add_argument("--work-dir", metavar="DIR",
                         help="working directory of every command (default: STATE_DIR/work)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -1532,7 +1803,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         agent = Agent(args.server, args.state_dir, agent_id=args.agent_id,
                       sync_interval=args.sync_interval,
-                      max_concurrent_runs=args.max_concurrent_runs, work_dir=args.work_dir)
+                      max_concurrent_runs=args.max_concurrent_runs, when_busy=args.when_busy,
+                      work_dir=args.work_dir)
     except (ValueError, OSError, sqlite3.Error) as error:
         print(f"agent.py: error: {error}", file=sys.stderr)
         return 2

@@ -229,10 +229,12 @@ class FireRecorder:
 
     def __init__(self, error: Exception | None = None):
         self.calls: list[tuple[Task, dt.datetime]] = []
+        self.late_flags: list[bool] = []
         self.error = error
 
-    def __call__(self, task: Task, slot: dt.datetime) -> None:
+    def __call__(self, task: Task, slot: dt.datetime, late: bool = False) -> None:
         self.calls.append((task, slot))
+        self.late_flags.append(late)
         if self.error is not None:
             raise self.error
 
@@ -399,8 +401,9 @@ def test_fire_contains_callback_error(store):
 def test_interval_task_fires_each_second(store):
     fired: list[tuple[dt.datetime, dt.datetime]] = []
 
-    def record(task: Task, slot: dt.datetime) -> None:
+    def record(task: Task, slot: dt.datetime, late: bool = False) -> None:
         fired.append((slot, agent.Clock().now()))
+        store.record_start(task.task_id, slot)
 
     scheduler = TaskScheduler(store, record)
     scheduler.reconcile([Task("tick", "true", "every 1 seconds")])
