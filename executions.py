@@ -33,9 +33,13 @@ class Execution:
 
 
 def execution_deadline(task: Task, slot: dt.datetime, report_grace: float) -> dt.datetime:
-    """Return when an execution counts as complete even if an expected agent is silent."""
+    """Return when an execution counts as complete even if an expected agent is silent.
+
+    The period follows the task's time zone, so a daily cron task's period is shorter or
+    longer than 24 hours across a daylight-saving change there.
+    """
     aware_slot = slot.replace(tzinfo=UTC)
-    period = parse_frequency(task.frequency).next_after(aware_slot) - aware_slot
+    period = parse_frequency(task.frequency, task.timezone).next_after(aware_slot) - aware_slot
     return slot + period + dt.timedelta(seconds=report_grace)
 
 

@@ -7,12 +7,19 @@ database URL works, PostgreSQL included.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 
 import peewee
 from playhouse.db_url import connect
+from playhouse.migrate import SchemaMigrator, migrate
+
+log = logging.getLogger("taskscheduler.models")
 
 database = peewee.DatabaseProxy()
+
+# Key of the PostgreSQL advisory lock that serializes schema set-up between servers.
+SCHEMA_LOCK_KEY = 0x7461736B
 
 UTC = dt.timezone.utc
 
@@ -21,19 +28,38 @@ def utc_now() -> dt.datetime:
     return dt.datetime.now(UTC).replace(tzinfo=None)
 
 
+def sql_default(value: str) -> list:
+    """Return the constraint list of a column DEFAULT, with `value` as SQL text.
+
+    Columns added after the first release are NOT NULL with a DEFAULT in the database
+    too. Then `add_missing_columns` adds each to a filled table in one ALTER TABLE, and
+    a server of the previous version can still insert rows.
+    """
+    return [peewee.SQL(f"DEFAULT {value}")]
+
+
 class BaseModel(peewee.Model):
     class Meta:
         database = database
 
 
 class Task(BaseModel):
-    """A periodic shell command that every agent runs."""
+    """A periodic shell command that every agent runs.
+
+    The options after `updated_at` are those of `agent.Task`, which documents them.
+    Times are in seconds, and a null `timeout` means the task's period, at most 1 hour.
+    """
 
     id = peewee.CharField(primary_key=True, max_length=36)
     command = peewee.TextField()
     frequency = peewee.CharField(max_length=200)
     created_at = peewee.DateTimeField(default=utc_now)
     updated_at = peewee.DateTimeField(default=utc_now)
+    timezone = peewee.CharField(max_length=64, default="UTC", constraints=sql_default("'UTC'"))
+    catchup = peewee.DoubleField(default=0, constraints=sql_default("0"))
+    overlap = peewee.CharField(max_length=16, default="skip", constraints=sql_default("'skip'"))
+    jitter = peewee.DoubleField(default=0, constraints=sql_default("0"))
+    timeout = peewee.DoubleField(null=True)
 
 
 class Agent(BaseModel):
@@ -53,6 +79,7 @@ class Result(BaseModel):
 
     An execution is identified by the slot it belongs to (`scheduled_for`), the same
     on every agent, so (task, agent, slot) is unique and a repeated report is stored once.
+    A `missed` report covers `missed_slots` slots from `first_missed` to `scheduled_for`.
     """
 
     task = peewee.ForeignKeyField(Task, backref="results", on_delete="CASCADE")
@@ -68,6 +95,10 @@ class Result(BaseModel):
     stdout_bytes = peewee.BigIntegerField(default=0)
     stderr_bytes = peewee.BigIntegerField(default=0)
     truncated = peewee.BooleanField(default=False)
+    missed_slots = peewee.IntegerField(null=True)
+    first_missed = peewee.DateTimeField(null=True)
+    late = peewee.BooleanField(default=False, constraints=sql_default("FALSE"))
+    reason = peewee.CharField(max_length=500, default="", constraints=sql_default("''"))
 
     class Meta:
         indexes = (
@@ -84,7 +115,7 @@ def sqlite_url(data_dir: str) -> str:
 
 
 def open_database(url: str) -> peewee.Database:
-    """Connect the models to the database at `url` and create missing tables.
+    """Connect the models to the database at `url`, create missing tables and add missing columns.
 
     SQLite runs in WAL mode with a busy timeout and IMMEDIATE transactions, so that the
     server's threads can write at once without "database is locked" errors.
@@ -107,6 +138,45 @@ def open_database(url: str) -> peewee.Database:
     else:
         db = connect(url)
     database.initialize(db)
-    with db.connection_context():
+    with db.connection_context(), db.atomic():
+        if isinstance(db, peewee.PostgresqlDatabase):
+            # Servers that start at once take turns, so only the first one changes the schema.
+            db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
         db.create_tables(MODELS, safe=True)
+        add_missing_columns(db)
     return db
+
+
+def add_missing_columns(db: peewee.Database) -> list[str]:
+    """Add the model columns that tables created by an earlier version lack.
+
+    Returns the added columns as TABLE.COLUMN. Existing rows get the column's DEFAULT,
+    or NULL for a nullable column. Raises RuntimeError for a missing NOT NULL column
+    without a DEFAULT in the database, which no ALTER TABLE can add to a filled table.
+    """
+    migrator = SchemaMigrator.from_database(db)
+    operations = []
+    added = []
+    for model in MODELS:
+        table = model._meta.table_name
+        existing = {column.name for column in db.get_columns(table)}
+        for field in model._meta.sorted_fields:
+            if field.column_name in existing:
+                continue
+            has_sql_default = any(isinstance(constraint, peewee.SQL)
+                                  and constraint.sql.upper().startswith("DEFAULT ")
+                                  for constraint in field.constraints or ())
+            if not field.null and not has_sql_default:
+                raise RuntimeError(f"cannot add column {table}.{field.column_name}: it is NOT NULL "
+                                   "without a DEFAULT in the database; give the field null=True "
+                                   "or constraints=sql_default(...)")
+            # With allow_not_null the column gets NOT NULL and its DEFAULT in one statement.
+            # Without it, peewee 4.5 adds NOT NULL afterwards, which rebuilds the whole
+            # table on SQLite before 3.53.
+            operations.append(migrator.add_column(table, field.column_name, field,
+                                                  allow_not_null=not field.null))
+            added.append(f"{table}.{field.column_name}")
+    if operations:
+        migrate(*operations)
+        log.info("added columns missing from tables of an earlier version: %s", ", ".join(added))
+    return added

@@ -26,8 +26,8 @@ import peewee
 import requests
 import waitress
 
-from agent import (AGENT_ID_PATTERN, UTC, FrequencyError, format_time, parse_frequency,
-                   parse_time)
+from agent import (AGENT_ID_PATTERN, UTC, FrequencyError, TaskError, format_time, parse_frequency,
+                   parse_time, validate_task_options, zone_for)
 from executions import latest_complete_execution
 from models import Agent, Result, Task, database, open_database, sqlite_url, utc_now
 
@@ -38,7 +38,13 @@ log = logging.getLogger("taskscheduler.server")
 MAX_BODY_BYTES = 16 * 1024 * 1024
 MAX_COMMAND_LENGTH = 8192
 MAX_OUTPUT_LENGTH = 4 * 1024 * 1024
-RESULT_STATUSES = ("succeeded", "failed", "timed_out", "lost")
+MAX_TIMEZONE_LENGTH = 64
+MAX_REASON_LENGTH = 500
+# A skipped slot did not run because the previous run was still going or the agent was
+# busy. Missed slots are slots the agent could not start in time. A cancelled run was
+# stopped because the next run replaced it.
+RESULT_STATUSES = ("succeeded", "failed", "timed_out", "lost", "skipped", "missed", "cancelled")
+NOT_RUN_STATUSES = ("skipped", "missed")
 TASK_ID_PATTERN = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 # An http(s) URL without white space or control characters.
 PUSH_URL_PATTERN = re.compile(r"https?://[^\s/?#\x00-\x1f\x7f]+(?:/[^\s\x00-\x1f\x7f]*)?")
@@ -197,8 +203,31 @@ def optional_exit_code(data: dict) -> Optional[int]:
     return value
 
 
+def optional_missed_slots(data: dict) -> Optional[int]:
+    value = data.get("missed_slots")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2 ** 31:
+        raise api_error(400, "missed_slots must be an integer of 1 or more", "missed_slots")
+    return value
+
+
 def time_text(naive: Optional[dt.datetime]) -> Optional[str]:
     return format_time(naive.replace(tzinfo=UTC)) if naive is not None else None
+
+
+def local_time_text(instant: dt.datetime, zone: dt.tzinfo) -> str:
+    """Format an aware datetime as ISO 8601 in `zone`, with its UTC offset."""
+    local = instant.astimezone(zone)
+    return local.isoformat(timespec="seconds" if local.microsecond == 0 else "microseconds")
+
+
+def seconds_json(value: Optional[float]) -> Optional[float]:
+    """Return a number of seconds for JSON, as an integer when it is whole (30, not 30.0)."""
+    if value is None:
+        return None
+    value = float(value)
+    return int(value) if value.is_integer() else value
 
 
 # ---------------------------------------------------------------------------
@@ -245,7 +274,40 @@ class TaskPusher:
 
 
 def task_json(task: Task) -> dict:
-    return {"task_id": task.id, "command": task.command, "frequency": task.frequency}
+    """Return a task as the API and the agents read it (`agent.Task.from_json`)."""
+    return {
+        "task_id": task.id,
+        "command": task.command,
+        "frequency": task.frequency,
+        "timezone": task.timezone,
+        "catchup": seconds_json(task.catchup),
+        "overlap": task.overlap,
+        "jitter": seconds_json(task.jitter),
+        "timeout": seconds_json(task.timeout),
+    }
+
+
+def next_fire_times(task: Task, now: dt.datetime, count: int = 5) -> dict[str, list[str]]:
+    """Return the task's next `count` slots after the aware `now`, in UTC and in the task's zone."""
+    slots = parse_frequency(task.frequency, task.timezone).next_slots(now, count)
+    zone = zone_for(task.timezone)
+    return {
+        "next_fire_times": [format_time(slot) for slot in slots],
+        "next_fire_times_local": [local_time_text(slot, zone) for slot in slots],
+    }
+
+
+def read_task_options(data: dict) -> dict:
+    """Return the validated task options of a create request, or raise a 400 error response."""
+    # The longest zone name in tzdata 2026 has 32 characters, and the column is 64 wide.
+    timezone = data.get("timezone")
+    if isinstance(timezone, str) and len(timezone) > MAX_TIMEZONE_LENGTH:
+        raise api_error(400, f"timezone is longer than {MAX_TIMEZONE_LENGTH} characters; "
+                             "use an IANA zone name such as Europe/Berlin", "timezone")
+    try:
+        return validate_task_options(data)
+    except TaskError as error:
+        raise api_error(400, str(error), error.field) from None
 
 
 def database_plugin(callback):
@@ -289,13 +351,19 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
         data = read_json_object()
         command = required_string(data, "command", MAX_COMMAND_LENGTH)
         frequency = required_string(data, "frequency", 200)
+        # The options are read first, because parse_frequency reports a bad time zone as a
+        # bad frequency.
+        options = read_task_options(data)
         try:
-            parse_frequency(frequency)
+            parse_frequency(frequency, options["timezone"])
         except FrequencyError as error:
             raise api_error(400, f"frequency is invalid: {error}", "frequency") from None
 
-        task = Task.create(id=str(uuid.uuid4()), command=command, frequency=frequency)
-        log.info("task %s created: frequency %r", task.id, frequency)
+        task = Task.create(id=str(uuid.uuid4()), command=command, frequency=frequency, **options)
+        log.info("task %s created: frequency %r, time zone %s, catchup %g s, overlap %s, "
+                 "jitter %g s, timeout %s", task.id, frequency, task.timezone, task.catchup,
+                 task.overlap, task.jitter,
+                 "none (the period, at most 1 h)" if task.timeout is None else f"{task.timeout:g} s")
         agents = [(agent.id, agent.push_url) for agent in Agent.select().where(
             Agent.push_url.is_null(False) & (Agent.last_seen_at >= online_since()))]
         pusher.push(task_json(task), agents)
@@ -319,11 +387,10 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
     @app.get("/api/v1/tasks/<task_id>")
     def show_task(task_id):
         task = find_task(task_id)
-        next_slots = parse_frequency(task.frequency).next_slots(dt.datetime.now(UTC), 5)
         return json_response(dict(
             task_json(task),
             created_at=time_text(task.created_at),
-            next_fire_times=[format_time(slot) for slot in next_slots],
+            **next_fire_times(task, dt.datetime.now(UTC)),
         ))
 
     @app.get("/api/v1/tasks/<task_id>/latest_output")
@@ -346,6 +413,13 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
                 started_at=time_text(result.started_at),
                 finished_at=time_text(result.finished_at),
             )
+            if result.late:
+                output["late"] = True
+            if result.status == "missed":
+                output.update(missed_slots=result.missed_slots,
+                              first_missed=time_text(result.first_missed))
+            if result.reason:
+                output["reason"] = result.reason
             if result.truncated:
                 output.update(truncated=True, stdout_bytes=result.stdout_bytes,
                               stderr_bytes=result.stderr_bytes)
@@ -375,13 +449,19 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
         scheduled_for = optional_time(data, "scheduled_for")
         if scheduled_for is None:
             # A plain REST report belongs to the execution that is due now.
-            latest_slot = parse_frequency(task.frequency).latest_at_or_before(now.replace(tzinfo=UTC))
-            scheduled_for = latest_slot.replace(tzinfo=None)
+            frequency = parse_frequency(task.frequency, task.timezone)
+            scheduled_for = frequency.latest_at_or_before(now.replace(tzinfo=UTC)).replace(tzinfo=None)
         status = data.get("status")
         if status is None:
             status = "succeeded" if exit_code in (None, 0) else "failed"
         elif status not in RESULT_STATUSES:
             raise api_error(400, f"status must be one of {', '.join(RESULT_STATUSES)}", "status")
+        missed_slots, first_missed = read_missed_range(data, status, scheduled_for)
+        late = optional_boolean(data, "late")
+        if late and status in NOT_RUN_STATUSES:
+            raise api_error(400, f"late must be false or absent for status {status}, "
+                                 "because the slot did not run", "late")
+        reason = optional_label(data, "reason", MAX_REASON_LENGTH)
 
         fields = dict(
             task=task.id, agent_id=agent_id, scheduled_for=scheduled_for, started_at=started_at,
@@ -390,6 +470,7 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
             stdout_bytes=_byte_count(data, "stdout_bytes", stdout),
             stderr_bytes=_byte_count(data, "stderr_bytes", stderr),
             truncated=optional_boolean(data, "truncated"),
+            missed_slots=missed_slots, first_missed=first_missed, late=late, reason=reason,
         )
         with database.atomic():
             inserted = (Result.insert(**fields)
@@ -463,6 +544,36 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
         return json_response({"agents": agents})
 
     return app
+
+
+def read_missed_range(data: dict, status: str,
+                      scheduled_for: dt.datetime) -> tuple[Optional[int], Optional[dt.datetime]]:
+    """Return `missed_slots` and `first_missed` of a report, or raise a 400 error response.
+
+    Both belong to status `missed` only, and `scheduled_for` is the newest missed slot.
+    `missed_slots` defaults to 1, and then `first_missed` is `scheduled_for`. For more
+    slots without `first_missed`, it stays unknown (None).
+    """
+    missed_slots = optional_missed_slots(data)
+    first_missed = optional_time(data, "first_missed")
+    if status != "missed":
+        for field, value in (("missed_slots", missed_slots), ("first_missed", first_missed)):
+            if value is not None:
+                raise api_error(400, f"{field} is only allowed with status missed, not {status}", field)
+        return None, None
+
+    if missed_slots is None:
+        missed_slots = 1
+    if missed_slots == 1:
+        if first_missed is not None and first_missed != scheduled_for:
+            raise api_error(400, "first_missed must equal scheduled_for when missed_slots is 1",
+                            "first_missed")
+        first_missed = scheduled_for
+    elif first_missed is not None and first_missed >= scheduled_for:
+        raise api_error(400, "first_missed must be earlier than scheduled_for when missed_slots "
+                             "is more than 1, because scheduled_for is the newest missed slot",
+                        "first_missed")
+    return missed_slots, first_missed
 
 
 def _byte_count(data: dict, field: str, text: str) -> int:

@@ -18,6 +18,8 @@ from agent import UTC, parse_frequency, parse_time
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$")
 PUSH_URL = "http://127.0.0.1:9/"
+# The task options of a task created without any.
+DEFAULT_OPTIONS = {"timezone": "UTC", "catchup": 0, "overlap": "skip", "jitter": 0, "timeout": None}
 
 
 # ---------------------------------------------------------------------------
@@ -107,7 +109,8 @@ def test_create_stores_task(app):
     assert task_detail["command"] == "df -h"
     assert task_detail["frequency"] == "every 5 minutes"
     assert task_detail["created_at"] == created["created_at"]
-    assert listed == [{"task_id": created["task_id"], "command": "df -h", "frequency": "every 5 minutes"}]
+    assert listed == [{"task_id": created["task_id"], "command": "df -h", "frequency": "every 5 minutes",
+                       **DEFAULT_OPTIONS}]
 
 
 def test_show_task_lists_next_fire_times(app):
@@ -156,7 +159,8 @@ def test_create_pushes_to_online_agents(app, pusher):
 
     assert len(pusher.pushes) == 1
     pushed_task, pushed_agents = pusher.pushes[0]
-    assert pushed_task == {"task_id": created["task_id"], "command": "hostname", "frequency": "@hourly"}
+    assert pushed_task == {"task_id": created["task_id"], "command": "hostname", "frequency": "@hourly",
+                           **DEFAULT_OPTIONS}
     assert pushed_agents == [("push-online", PUSH_URL)]
 
 
@@ -593,8 +597,8 @@ def test_agent_tasks_lists_every_task(app):
 
     assert response.status_int == 200
     assert response.json["agent_id"] == "web-1"
-    expected = [{"task_id": task["task_id"], "command": task["command"], "frequency": task["frequency"]}
-                for task in created]
+    expected = [{"task_id": task["task_id"], "command": task["command"], "frequency": task["frequency"],
+                 **DEFAULT_OPTIONS} for task in created]
     assert sorted(response.json["tasks"], key=lambda task: task["task_id"]) == \
         sorted(expected, key=lambda task: task["task_id"])
 
