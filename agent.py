@@ -16,6 +16,7 @@ in reading order:
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
 import datetime as dt
 import functools
@@ -23,6 +24,7 @@ import hashlib
 import http.server
 import json
 import logging
+import math
 import os
 import platform
 import queue
@@ -216,13 +218,19 @@ def zone_for(name: str) -> dt.tzinfo:
     """Return the tzinfo of an IANA zone name, or raise FrequencyError."""
     if name == "UTC":
         return UTC
-    try:
-        return zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+    # Only names of the IANA list: files such as `localtime` or `posixrules` in the zone
+    # folder mean a different zone on each host.
+    if name not in _available_zones():
         raise FrequencyError(
             f"unknown time zone {name!r}: use an IANA name such as UTC, Europe/Berlin "
             "or America/New_York"
-        ) from None
+        )
+    return zoneinfo.ZoneInfo(name)
+
+
+@functools.lru_cache(maxsize=1)
+def _available_zones() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones()) - {"localtime", "Factory"}
 
 
 def _near_transition(instant: dt.datetime, zone: dt.tzinfo) -> bool:
@@ -575,6 +583,8 @@ class Task:
             value = data.get(field)
             if not isinstance(value, str) or not value.strip():
                 raise TaskError(field, f"{field} is missing or not a non-empty string")
+            if "\x00" in value:
+                raise TaskError(field, f"{field} contains a NUL character")
         options = validate_task_options(data)
         task = cls(task_id=data["task_id"], command=data["command"], frequency=data["frequency"],
                    **options)
@@ -642,6 +652,8 @@ class RunResult:
     reason: str = ""
     missed_slots: int = 0
     first_missed: Optional[dt.datetime] = None
+    stdout_base64: Optional[str] = None
+    stderr_base64: Optional[str] = None
 
 
 class StateStore:
@@ -667,9 +679,11 @@ class StateStore:
         "CREATE INDEX IF NOT EXISTS runs_unreported ON runs (reported, status)",
     )
 
-    def __init__(self, state_dir: str):
+    def __init__(self, state_dir: str, outbox_size: int = 10000):
         os.makedirs(state_dir, exist_ok=True)
         self.path = os.path.join(state_dir, "agent.db")
+        self.outbox_size = outbox_size
+        self._drop_logged_at = -math.inf
         self._lock = threading.Lock()
         self._connection = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._connection.execute("PRAGMA journal_mode=WAL")
@@ -681,6 +695,10 @@ class StateStore:
         columns = {row[1] for row in self._connection.execute("PRAGMA table_info(tasks)")}
         if "known_since" not in columns:
             self._connection.execute("ALTER TABLE tasks ADD COLUMN known_since TEXT")
+        columns = {row[1] for row in self._connection.execute("PRAGMA table_info(runs)")}
+        if "process_group" not in columns:
+            # The run's process group id, so that a restarted agent can clean up after a kill.
+            self._connection.execute("ALTER TABLE runs ADD COLUMN process_group INTEGER")
 
     def close(self) -> None:
         with self._lock:
@@ -716,6 +734,14 @@ class StateStore:
                 "SELECT known_since FROM tasks WHERE task_id = ?", (task_id,)
             ).fetchone()
         return parse_time(row[0]) if row and row[0] else None
+
+    def limit_known_since(self, task_id: str, now: dt.datetime) -> None:
+        """Move a task's known_since back to `now` if it lies later."""
+        with self._lock:
+            self._connection.execute(
+                "UPDATE tasks SET known_since = ? WHERE task_id = ? AND known_since > ?",
+                (_slot_key(now), task_id, _slot_key(now)),
+            )
 
     def upsert_task(self, task: Task, now: Optional[dt.datetime] = None) -> str:
         """Store one task and return 'added', 'replaced' or 'unchanged'."""
@@ -776,6 +802,8 @@ class StateStore:
                 (result.task_id, _slot_key(result.scheduled_for), result.status,
                  json.dumps(_result_payload(result))),
             )
+        if cursor.rowcount == 1:
+            self._enforce_outbox_size()
         return cursor.rowcount == 1
 
     def record_finish(self, result: RunResult) -> None:
@@ -785,20 +813,75 @@ class StateStore:
                 "UPDATE runs SET status = ?, body = ? WHERE task_id = ? AND scheduled_for = ?",
                 (result.status, body, result.task_id, _slot_key(result.scheduled_for)),
             )
+        self._enforce_outbox_size()
 
-    def mark_lost_runs(self, now: dt.datetime) -> int:
-        """Mark runs still 'running' from an earlier agent process as lost; return how many."""
+    def _enforce_outbox_size(self) -> None:
+        """Drop the oldest unsent reports beyond the outbox size, and count them."""
+        with self._lock, self._connection:
+            (depth,) = self._connection.execute(
+                "SELECT COUNT(*) FROM runs WHERE reported = 0 AND status != 'running'"
+            ).fetchone()
+            excess = depth - self.outbox_size
+            if excess <= 0:
+                return
+            # The rows stay, marked reported, so their slots still count as handled.
+            self._connection.execute(
+                "UPDATE runs SET reported = 1, body = NULL WHERE rowid IN ("
+                " SELECT rowid FROM runs WHERE reported = 0 AND status != 'running'"
+                " ORDER BY scheduled_for LIMIT ?)",
+                (excess,),
+            )
+            dropped = int(self._get_meta_locked("outbox_dropped") or 0) + excess
+            self._connection.execute(
+                "INSERT INTO meta (key, value) VALUES ('outbox_dropped', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (str(dropped),),
+            )
+        monotonic = time.monotonic()
+        if monotonic - self._drop_logged_at >= 60.0:
+            self._drop_logged_at = monotonic
+            log.warning("outbox is full (%d reports): dropped the oldest unsent reports, %d so far",
+                        self.outbox_size, dropped)
+
+    def _get_meta_locked(self, key: str) -> Optional[str]:
+        row = self._connection.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def outbox_stats(self) -> dict:
+        """Return the outbox depth (unsent reports) and how many were dropped since the start."""
+        with self._lock:
+            (depth,) = self._connection.execute(
+                "SELECT COUNT(*) FROM runs WHERE reported = 0 AND status != 'running'"
+            ).fetchone()
+            dropped = int(self._get_meta_locked("outbox_dropped") or 0)
+        return {"outbox_depth": depth, "outbox_dropped": dropped}
+
+    def record_process_group(self, task_id: str, slot: dt.datetime, process_group: int) -> None:
+        with self._lock:
+            self._connection.execute(
+                "UPDATE runs SET process_group = ? WHERE task_id = ? AND scheduled_for = ?",
+                (process_group, task_id, _slot_key(slot)),
+            )
+
+    def mark_lost_runs(self, now: dt.datetime) -> list[tuple[str, dt.datetime, Optional[int]]]:
+        """Mark runs still 'running' from an earlier agent process as lost.
+
+        Returns each lost run's task id, slot and process group.
+        """
         with self._lock:
             rows = self._connection.execute(
-                "SELECT task_id, scheduled_for FROM runs WHERE status = 'running'"
+                "SELECT task_id, scheduled_for, process_group FROM runs WHERE status = 'running'"
             ).fetchall()
-        for task_id, slot_key in rows:
+        lost = []
+        for task_id, slot_key, process_group in rows:
+            slot = parse_time(slot_key)
             self.record_finish(RunResult(
-                task_id=task_id, scheduled_for=parse_time(slot_key), started_at=None,
+                task_id=task_id, scheduled_for=slot, started_at=None,
                 finished_at=now, exit_code=None, status="lost",
                 reason="the agent stopped while this run was going; its output and exit code are unknown",
             ))
-        return len(rows)
+            lost.append((task_id, slot, process_group))
+        return lost
 
     def unreported(self, limit: int = 50) -> list[tuple[str, str, dict]]:
         """Return finished runs not yet acknowledged by the server, oldest slot first."""
@@ -854,10 +937,14 @@ def _result_payload(result: RunResult) -> dict:
     if result.late:
         payload["late"] = True
     if result.reason:
-        payload["reason"] = result.reason
+        payload["reason"] = result.reason[:500]
     if result.status == "missed":
         payload["missed_slots"] = result.missed_slots
         payload["first_missed"] = format_time(result.first_missed)
+    if result.stdout_base64 is not None:
+        payload["stdout_base64"] = result.stdout_base64
+    if result.stderr_base64 is not None:
+        payload["stderr_base64"] = result.stderr_base64
     return payload
 
 
@@ -1084,6 +1171,13 @@ class TaskScheduler:
         step = wall_elapsed - (monotonic - previous[1])
         if abs(step) > self.CLOCK_STEP_SECONDS:
             log.warning("wall clock stepped by %+.1f s; re-planning %d tasks", step, len(self._planned))
+            if step < 0:
+                # Times recorded before a step back lie in the future now, and slots before
+                # them would count as never this agent's to run.
+                for task_id in self._planned:
+                    self.store.limit_known_since(task_id, now)
+                    if self._first_planned.get(task_id, now) > now:
+                        self._first_planned[task_id] = now
             self.replan_all(now)
         elif offset != previous[2]:
             log.info("host UTC offset changed from %s to %s; re-planning %d tasks",
@@ -1145,6 +1239,21 @@ class BoundedOutput:
     @property
     def truncated(self) -> bool:
         return self.total > len(self.head) + len(self.tail)
+
+    def raw_base64(self) -> Optional[str]:
+        """Return the kept bytes (head, then tail) as base64 when the text view lost any.
+
+        The text view replaces bytes that are not UTF-8 with U+FFFD, and the server
+        shows NUL the same way, so the exact bytes are sent beside it in those cases.
+        """
+        kept = bytes(self.head) + bytes(self.tail)
+        try:
+            bytes(self.head).decode("utf-8")
+            bytes(self.tail).decode("utf-8")
+            lossless = b"\x00" not in kept
+        except UnicodeDecodeError:
+            lossless = False
+        return None if lossless else base64.b64encode(kept).decode("ascii")
 
     def text(self) -> str:
         if not self.truncated:
@@ -1219,7 +1328,7 @@ class Runner:
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 **options,
             )
-        except OSError as error:
+        except (OSError, ValueError) as error:
             return RunResult(
                 task_id=task.task_id, scheduled_for=slot, started_at=started_at,
                 finished_at=self.clock.now(), exit_code=None, status="failed",
@@ -1263,17 +1372,20 @@ class Runner:
             stdout=stdout.text(), stderr=stderr.text(),
             stdout_bytes=stdout.total, stderr_bytes=stderr.total,
             truncated=stdout.truncated or stderr.truncated, reason=reason,
+            stdout_base64=stdout.raw_base64(), stderr_base64=stderr.raw_base64(),
         )
 
 
 class RunHandle:
     """A run in progress, which another thread can stop (overlap policy `replace`)."""
 
-    def __init__(self, task: Task, slot: dt.datetime, kill_grace: float = Runner.KILL_GRACE_SECONDS):
+    def __init__(self, task: Task, slot: dt.datetime, kill_grace: float = Runner.KILL_GRACE_SECONDS,
+                 on_start: Optional[Callable[[int], None]] = None):
         self.task = task
         self.slot = slot
         self.kill_grace = kill_grace
         self.cancelled = False
+        self._on_start = on_start
         self._process: Optional[subprocess.Popen] = None
         self._lock = threading.Lock()
 
@@ -1281,6 +1393,12 @@ class RunHandle:
         with self._lock:
             self._process = process
             cancelled = self.cancelled
+        if self._on_start is not None:
+            try:
+                self._on_start(process.pid)
+            except Exception:
+                log.exception("task %s slot %s: could not record the process group",
+                              self.task.task_id, format_time(self.slot))
         if cancelled:
             self._kill_in_background(process)
 
@@ -1318,6 +1436,42 @@ def kill_process_tree(process: subprocess.Popen, grace: float) -> Optional[int]:
     return process.wait()
 
 
+def kill_orphaned_run(process_group: int, task_id: str, slot: dt.datetime) -> int:
+    """Kill what is left of a run whose agent died, and return how many processes were killed.
+
+    A process group id can be reused after its processes are gone, so only processes
+    of that group whose environment names this run's task and slot are killed. This
+    reads /proc and so works on Linux only; elsewhere it kills nothing.
+    """
+    marker_task = f"TASKSCHEDULER_TASK_ID={task_id}".encode()
+    marker_slot = f"TASKSCHEDULER_SCHEDULED_FOR={format_time(slot)}".encode()
+    killed = 0
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return 0  # NOTE: no /proc (macOS): orphans of a killed agent are left running.
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat_file:
+                # The command name in brackets may hold spaces, so split after it.
+                fields = stat_file.read().rsplit(b")", 1)[1].split()
+            if int(fields[2]) != process_group:
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as environ_file:
+                environment = environ_file.read().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if marker_task in environment and marker_slot in environment:
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+                killed += 1
+            except (ProcessLookupError, PermissionError):
+                pass
+    return killed
+
+
 def _signal_group(group: int, sig: int) -> None:
     try:
         os.killpg(group, sig)
@@ -1349,24 +1503,53 @@ class ServerError(Exception):
 
 
 class ServerClient:
-    """The agent's calls to the server's REST API."""
+    """The agent's calls to the server's REST API.
 
-    def __init__(self, base_url: str, agent_id: str, timeout: float = 10.0):
-        self.base_url = base_url.rstrip("/")
+    With several server URLs, a request that cannot connect, times out or gets a 5xx
+    answer moves on to the next URL, and the client stays with the first one that works.
+    """
+
+    def __init__(self, base_urls: "str | list[str]", agent_id: str, timeout: float = 10.0):
+        urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
+        self.base_urls = [url.rstrip("/") for url in urls]
+        self._current = 0
         self.agent_id = agent_id
         self.timeout = timeout
         self.session = requests.Session()
         self.session.headers["User-Agent"] = f"taskscheduler-agent/{__version__}"
 
+    @property
+    def base_url(self) -> str:
+        return self.base_urls[self._current]
+
     def _request(self, method: str, path: str, body: Optional[dict] = None) -> dict:
-        url = self.base_url + path
+        error: Optional[ServerError] = None
+        for attempt in range(len(self.base_urls)):
+            index = (self._current + attempt) % len(self.base_urls)
+            try:
+                result = self._request_one(self.base_urls[index], method, path, body)
+            except ServerError as failure:
+                error = failure
+                if failure.status is not None and failure.status < 500:
+                    raise
+                continue
+            if index != self._current:
+                log.info("switched to server %s", self.base_urls[index])
+                self._current = index
+            return result
+        assert error is not None
+        raise error
+
+    def _request_one(self, base_url: str, method: str, path: str, body: Optional[dict]) -> dict:
+        url = base_url + path
         try:
             response = self.session.request(method, url, json=body, timeout=self.timeout)
         except requests.RequestException as error:
             raise ServerError(f"{method} {url} failed: {error}") from None
         if response.status_code >= 400:
             try:
-                message = response.json().get("error", response.text)
+                answer = response.json()
+                message = answer.get("error", response.text) if isinstance(answer, dict) else response.text
             except ValueError:
                 message = response.text[:200]
             raise ServerError(
@@ -1374,17 +1557,20 @@ class ServerClient:
                 status=response.status_code,
             )
         try:
-            return response.json()
+            answer = response.json()
         except ValueError:
             raise ServerError(f"{method} {url} returned a body that is not JSON") from None
+        if not isinstance(answer, dict):
+            raise ServerError(f"{method} {url} returned JSON that is not an object")
+        return answer
 
-    def register(self, push_url: Optional[str]) -> dict:
-        return self._request("PUT", f"/api/v1/agents/{self.agent_id}", {
+    def register(self, push_url: Optional[str], outbox: Optional[dict] = None) -> dict:
+        return self._request("PUT", f"/api/v1/agents/{self.agent_id}", dict({
             "hostname": socket.gethostname(),
             "platform": f"{platform.system()} {platform.release()} {platform.machine()}".strip(),
             "version": __version__,
             "push_url": push_url,
-        })
+        }, **(outbox or {})))
 
     def fetch_tasks(self) -> list[Task]:
         body = self._request("GET", f"/api/v1/agents/{self.agent_id}/tasks")
@@ -1472,12 +1658,13 @@ class ReportSender:
 class Agent:
     """Ties the parts together: sync with the server, fire tasks, run them, report."""
 
-    def __init__(self, server_url: str, state_dir: str, agent_id: Optional[str] = None,
+    def __init__(self, server_url: "str | list[str]", state_dir: str, agent_id: Optional[str] = None,
                  push_url: Optional[str] = None, sync_interval: float = 5.0,
                  max_concurrent_runs: int = 16, when_busy: str = "queue",
-                 work_dir: Optional[str] = None, clock: Optional[Clock] = None):
+                 work_dir: Optional[str] = None, clock: Optional[Clock] = None,
+                 outbox_size: int = 10000):
         self.clock = clock or Clock()
-        self.store = StateStore(state_dir)
+        self.store = StateStore(state_dir, outbox_size=outbox_size)
         self.agent_id = self._resolve_id(agent_id)
         self.push_url = push_url
         self.sync_interval = sync_interval
@@ -1545,7 +1732,8 @@ class Agent:
             log.info("task %s slot %s queued: %d runs are going", task.task_id, format_time(slot),
                      self.max_concurrent_runs)
 
-        handle = RunHandle(task, slot)
+        handle = RunHandle(task, slot, on_start=lambda process_group: self.store.record_process_group(
+            task.task_id, slot, process_group))
         with self._running_lock:
             self._running.setdefault(task.task_id, []).append(handle)
             self._active_runs += 1
@@ -1611,7 +1799,7 @@ class Agent:
     def sync_once(self) -> bool:
         """Register (or heartbeat) and fetch the full task list; return whether it worked."""
         try:
-            self.client.register(self.push_url)
+            self.client.register(self.push_url, self.store.outbox_stats())
             if not self._registered:
                 log.info("registered with %s as agent %s", self.client.base_url, self.agent_id)
                 self._registered = True
@@ -1652,9 +1840,12 @@ class Agent:
         """Run until `stop()` is called: plan the stored tasks, then sync and fire."""
         stored = self.store.tasks()
         log.info("agent %s starting with %d stored tasks", self.agent_id, len(stored))
-        lost = self.store.mark_lost_runs(self.clock.now())
-        if lost:
-            log.warning("%d runs were still going when the agent last stopped; reported as lost", lost)
+        for task_id, slot, process_group in self.store.mark_lost_runs(self.clock.now()):
+            killed = 0
+            if process_group is not None and not ON_WINDOWS:
+                killed = kill_orphaned_run(process_group, task_id, slot)
+            log.warning("task %s slot %s was still running when the agent last stopped: reported "
+                        "as lost, %d leftover processes killed", task_id, format_time(slot), killed)
         self.scheduler.request_reconcile(stored)
         self.start_background_threads()
         self.scheduler.run_forever(self.stop_event)
@@ -1762,7 +1953,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run taskscheduler's periodic shell commands on this host and report their output.",
     )
     parser.add_argument("--server", default=os.environ.get("TASKSCHEDULER_SERVER"),
-                        help="base URL of the taskscheduler server, such as http://127.0.0.1:8080 "
+                        help="base URL of the taskscheduler server, such as http://127.0.0.1:8080; "
+                             "several URLs separated by commas are tried in turn when one fails "
                              "(env TASKSCHEDULER_SERVER)")
     parser.add_argument("--state-dir", default=os.environ.get("TASKSCHEDULER_STATE_DIR", "agent-state"),
                         help="directory for the agent's id, task list and unsent reports "
@@ -1784,6 +1976,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="what happens to a slot when --max-concurrent-runs commands are "
                              "running: wait in a queue, or skip it and report it skipped "
                              "(default: queue)")
+    parser.add_argument("--outbox-size", type=positive_int, default=10000, metavar="N",
+                        help="reports kept while the server is unreachable; beyond this the oldest "
+                             "are dropped with a warning (default: 10000)")
     parser.add_argument("--work-dir", metavar="DIR",
                         help="working directory of every command (default: STATE_DIR/work)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -1798,13 +1993,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not args.server:
         print("agent.py: error: --server is required (or set TASKSCHEDULER_SERVER)", file=sys.stderr)
         return 2
+    server_urls = [url.strip() for url in args.server.split(",") if url.strip()]
+    for url in server_urls:
+        if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
+            print(f"agent.py: error: invalid --server URL {url!r}: use http://HOST:PORT or "
+                  "https://HOST", file=sys.stderr)
+            return 2
 
     push_url = args.advertise_url
     try:
-        agent = Agent(args.server, args.state_dir, agent_id=args.agent_id,
+        agent = Agent(server_urls, args.state_dir, agent_id=args.agent_id,
                       sync_interval=args.sync_interval,
                       max_concurrent_runs=args.max_concurrent_runs, when_busy=args.when_busy,
-                      work_dir=args.work_dir)
+                      work_dir=args.work_dir, outbox_size=args.outbox_size)
     except (ValueError, OSError, sqlite3.Error) as error:
         print(f"agent.py: error: {error}", file=sys.stderr)
         return 2
@@ -1824,9 +2025,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             push_url = f"http://{shown_host}:{bound_port}"
     agent.push_url = push_url
 
-    log.info("agent %s: server %s, state dir %s, push URL %s, sync every %.1f s, at most %d runs at once",
-             agent.agent_id, args.server, os.path.abspath(args.state_dir), push_url or "none",
-             args.sync_interval, args.max_concurrent_runs)
+    log.info("agent %s: servers %s, state dir %s, push URL %s, sync every %.1f s, at most %d runs "
+             "at once (%s beyond), outbox size %d", agent.agent_id, ", ".join(server_urls),
+             os.path.abspath(args.state_dir), push_url or "none", args.sync_interval,
+             args.max_concurrent_runs, args.when_busy, args.outbox_size)
 
     def request_stop(signum, _frame):
         log.info("received signal %d", signum)
