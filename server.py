@@ -11,31 +11,32 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import json
 import logging
 import os
 import re
 import signal
 import sys
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 import bottle
 import peewee
-import requests
 import waitress
 
 from agent import (AGENT_ID_PATTERN, UTC, FrequencyError, TaskError, format_time, parse_frequency,
-                   parse_time, validate_task_options, zone_for)
+                   validate_task_options, zone_for)
 from executions import latest_complete_execution
+from jsonapi import (MAX_BODY_BYTES, byte_count, api_error, json_response, local_time_text,
+                     optional_boolean, optional_exit_code, optional_label, optional_output,
+                     optional_time, read_json_object, read_missed_range, render_http_error,
+                     required_string, seconds_json, time_text)
 from models import Agent, Result, Task, database, open_database, sqlite_url, utc_now
+from push import TaskPusher
 
 __version__ = "0.1.0"
 
 log = logging.getLogger("taskscheduler.server")
 
-MAX_BODY_BYTES = 16 * 1024 * 1024
 MAX_COMMAND_LENGTH = 8192
 MAX_OUTPUT_LENGTH = 4 * 1024 * 1024
 MAX_TIMEZONE_LENGTH = 64
@@ -57,215 +58,6 @@ class ServerConfig:
     agent_timeout: float = 30.0
     report_grace: float = 30.0
     push_timeout: float = 5.0
-
-
-# ---------------------------------------------------------------------------
-# JSON responses and errors
-# ---------------------------------------------------------------------------
-
-
-def json_response(body: Any, status: int = 200) -> bottle.HTTPResponse:
-    return bottle.HTTPResponse(
-        body=json.dumps(body), status=status,
-        headers={"Content-Type": "application/json", "Cache-Control": "no-store"},
-    )
-
-
-def api_error(status: int, message: str, field: Optional[str] = None) -> bottle.HTTPResponse:
-    """Build the one error shape of the API: {"error": MESSAGE, "field": NAME}."""
-    body: dict[str, Any] = {"error": message}
-    if field is not None:
-        body["field"] = field
-    return json_response(body, status)
-
-
-def render_http_error(error: bottle.HTTPError) -> str:
-    """Render bottle's own errors (404, 405, 413, 500) as JSON instead of HTML."""
-    bottle.response.content_type = "application/json"
-    if error.status_code == 404:
-        message = f"no endpoint at {bottle.request.method} {bottle.request.path}"
-    elif error.status_code == 405:
-        message = (f"method {bottle.request.method} is not allowed on {bottle.request.path}; "
-                   f"allowed: {error.headers.get('Allow', 'see the README')}")
-    elif error.status_code == 413:
-        message = f"request body is larger than {MAX_BODY_BYTES} bytes"
-    elif error.status_code >= 500:
-        if error.exception is not None:
-            log.error("unhandled error on %s %s: %r", bottle.request.method, bottle.request.path,
-                      error.exception, exc_info=error.exception)
-        message = "internal server error; the server log has the details"
-    else:
-        message = str(error.body)
-    return json.dumps({"error": message})
-
-
-def read_json_object() -> dict:
-    """Return the request body as a JSON object, or raise a 4xx error response."""
-    content_type = bottle.request.content_type.split(";")[0].strip().lower()
-    if content_type != "application/json":
-        raise api_error(415, "send the body as JSON with the header Content-Type: application/json "
-                             f"(received {content_type or 'no content type'})")
-    if bottle.request.content_length > MAX_BODY_BYTES:
-        raise api_error(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
-    raw = bottle.request.body.read(MAX_BODY_BYTES + 1)
-    if len(raw) > MAX_BODY_BYTES:
-        raise api_error(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise api_error(400, "request body is not valid UTF-8") from None
-    except json.JSONDecodeError as error:
-        raise api_error(400, f"request body is not valid JSON: {error}") from None
-    if not isinstance(data, dict):
-        raise api_error(400, "request body must be a JSON object")
-    return data
-
-
-def check_encodable(value: str, field: str) -> str:
-    """Reject lone UTF-16 surrogates, which JSON escapes allow but UTF-8 cannot store."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise api_error(400, f"{field} contains a lone UTF-16 surrogate (\\ud800-\\udfff); "
-                             "send valid Unicode", field) from None
-    return value
-
-
-def required_string(data: dict, field: str, max_length: int) -> str:
-    if field not in data or data[field] is None:
-        raise api_error(400, f"{field} is missing", field)
-    value = data[field]
-    if not isinstance(value, str):
-        raise api_error(400, f"{field} must be a string, not {type(value).__name__}", field)
-    if not value.strip():
-        raise api_error(400, f"{field} is empty", field)
-    if len(value) > max_length:
-        raise api_error(400, f"{field} is longer than {max_length} characters", field)
-    if "\x00" in value:
-        raise api_error(400, f"{field} contains a NUL character", field)
-    return check_encodable(value, field)
-
-
-def optional_label(data: dict, field: str, max_length: int = 255) -> str:
-    """Return a short descriptive string field, "" when absent or null."""
-    value = data.get(field)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise api_error(400, f"{field} must be a string or null, not {type(value).__name__}", field)
-    if len(value) > max_length:
-        raise api_error(400, f"{field} is longer than {max_length} characters", field)
-    if "\x00" in value:
-        raise api_error(400, f"{field} contains a NUL character", field)
-    return check_encodable(value, field)
-
-
-def optional_output(data: dict, field: str, max_length: int) -> str:
-    value = data.get(field)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise api_error(400, f"{field} must be a string, not {type(value).__name__}", field)
-    if len(value) > max_length:
-        raise api_error(413, f"{field} is longer than {max_length} characters; "
-                             "send its head and tail only", field)
-    check_encodable(value, field)
-    # PostgreSQL text columns cannot hold NUL, so it is shown as U+FFFD like other bad bytes.
-    return value.replace("\x00", "\ufffd")
-
-
-def optional_boolean(data: dict, field: str) -> bool:
-    value = data.get(field, False)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise api_error(400, f"{field} must be true or false", field)
-    return value
-
-
-def optional_time(data: dict, field: str) -> Optional[dt.datetime]:
-    """Return a naive UTC datetime from an RFC 3339 field, or None when absent."""
-    value = data.get(field)
-    if value is None:
-        return None
-    try:
-        return parse_time(value).replace(tzinfo=None)
-    except ValueError as error:
-        raise api_error(400, f"{field} is invalid: {error}", field) from None
-
-
-def optional_exit_code(data: dict) -> Optional[int]:
-    value = data.get("exit_code")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not -(2 ** 31) <= value < 2 ** 31:
-        raise api_error(400, "exit_code must be an integer (negative for a signal) or null", "exit_code")
-    return value
-
-
-def optional_missed_slots(data: dict) -> Optional[int]:
-    value = data.get("missed_slots")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2 ** 31:
-        raise api_error(400, "missed_slots must be an integer of 1 or more", "missed_slots")
-    return value
-
-
-def time_text(naive: Optional[dt.datetime]) -> Optional[str]:
-    return format_time(naive.replace(tzinfo=UTC)) if naive is not None else None
-
-
-def local_time_text(instant: dt.datetime, zone: dt.tzinfo) -> str:
-    """Format an aware datetime as ISO 8601 in `zone`, with its UTC offset."""
-    local = instant.astimezone(zone)
-    return local.isoformat(timespec="seconds" if local.microsecond == 0 else "microseconds")
-
-
-def seconds_json(value: Optional[float]) -> Optional[float]:
-    """Return a number of seconds for JSON, as an integer when it is whole (30, not 30.0)."""
-    if value is None:
-        return None
-    value = float(value)
-    return int(value) if value.is_integer() else value
-
-
-# ---------------------------------------------------------------------------
-# Pushing tasks to agents
-# ---------------------------------------------------------------------------
-
-
-class TaskPusher:
-    """Pushes new tasks to the agents that gave a push URL, in background threads.
-
-    A failed push is only logged: the agent gets the task at its next sync anyway.
-    """
-
-    def __init__(self, timeout: float):
-        self.timeout = timeout
-        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="push")
-        self._session = requests.Session()
-
-    def push(self, task: dict, agents: list[tuple[str, str]]) -> None:
-        for agent_id, push_url in agents:
-            self._pool.submit(self._push_one, task, agent_id, push_url)
-
-    def _push_one(self, task: dict, agent_id: str, push_url: str) -> None:
-        url = push_url.rstrip("/") + "/api/v1/tasks/schedule"
-        try:
-            response = self._session.post(url, json=task, timeout=self.timeout)
-        except requests.RequestException as error:
-            log.info("push of task %s to agent %s at %s failed, it will pull the task: %s",
-                     task["task_id"], agent_id, url, error)
-            return
-        if response.status_code >= 300:
-            log.warning("push of task %s to agent %s at %s returned %d",
-                        task["task_id"], agent_id, url, response.status_code)
-        else:
-            log.debug("pushed task %s to agent %s", task["task_id"], agent_id)
-
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------
@@ -467,8 +259,8 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
             task=task.id, agent_id=agent_id, scheduled_for=scheduled_for, started_at=started_at,
             finished_at=finished_at, received_at=now, status=status, exit_code=exit_code,
             stdout=stdout, stderr=stderr,
-            stdout_bytes=_byte_count(data, "stdout_bytes", stdout),
-            stderr_bytes=_byte_count(data, "stderr_bytes", stderr),
+            stdout_bytes=byte_count(data, "stdout_bytes", stdout),
+            stderr_bytes=byte_count(data, "stderr_bytes", stderr),
             truncated=optional_boolean(data, "truncated"),
             missed_slots=missed_slots, first_missed=first_missed, late=late, reason=reason,
         )
@@ -544,43 +336,6 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
         return json_response({"agents": agents})
 
     return app
-
-
-def read_missed_range(data: dict, status: str,
-                      scheduled_for: dt.datetime) -> tuple[Optional[int], Optional[dt.datetime]]:
-    """Return `missed_slots` and `first_missed` of a report, or raise a 400 error response.
-
-    Both belong to status `missed` only, and `scheduled_for` is the newest missed slot.
-    `missed_slots` defaults to 1, and then `first_missed` is `scheduled_for`. For more
-    slots without `first_missed`, it stays unknown (None).
-    """
-    missed_slots = optional_missed_slots(data)
-    first_missed = optional_time(data, "first_missed")
-    if status != "missed":
-        for field, value in (("missed_slots", missed_slots), ("first_missed", first_missed)):
-            if value is not None:
-                raise api_error(400, f"{field} is only allowed with status missed, not {status}", field)
-        return None, None
-
-    if missed_slots is None:
-        missed_slots = 1
-    if missed_slots == 1:
-        if first_missed is not None and first_missed != scheduled_for:
-            raise api_error(400, "first_missed must equal scheduled_for when missed_slots is 1",
-                            "first_missed")
-        first_missed = scheduled_for
-    elif first_missed is not None and first_missed >= scheduled_for:
-        raise api_error(400, "first_missed must be earlier than scheduled_for when missed_slots "
-                             "is more than 1, because scheduled_for is the newest missed slot",
-                        "first_missed")
-    return missed_slots, first_missed
-
-
-def _byte_count(data: dict, field: str, text: str) -> int:
-    value = data.get(field)
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    return len(text.encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------
