@@ -6,6 +6,8 @@ when one field of the request is at fault.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
 import json
 import logging
@@ -221,3 +223,28 @@ def byte_count(data: dict, field: str, text: str) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     return len(text.encode("utf-8"))
+
+
+def optional_base64(data: dict, field: str, max_bytes: int) -> Optional[bytes]:
+    """Return the bytes of a base64 field, or None when absent."""
+    value = data.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise api_error(400, f"{field} must be a base64 string", field)
+    if len(value) > (max_bytes + 2) // 3 * 4:
+        raise api_error(413, f"{field} holds more than {max_bytes} bytes", field)
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise api_error(400, f"{field} is not valid base64", field) from None
+
+
+def optional_count(data: dict, field: str) -> int:
+    """Return a non-negative integer field, 0 when absent."""
+    value = data.get(field)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 31:
+        raise api_error(400, f"{field} must be a non-negative integer", field)
+    return value

@@ -72,6 +72,10 @@ class Agent(BaseModel):
     push_url = peewee.CharField(max_length=2048, null=True)
     registered_at = peewee.DateTimeField(default=utc_now)
     last_seen_at = peewee.DateTimeField(default=utc_now, index=True)
+    # Reports waiting in the agent's outbox, and reports it dropped because the outbox
+    # was full, as of its last heartbeat.
+    outbox_depth = peewee.IntegerField(default=0, constraints=sql_default("0"))
+    outbox_dropped = peewee.IntegerField(default=0, constraints=sql_default("0"))
 
 
 class Result(BaseModel):
@@ -99,6 +103,10 @@ class Result(BaseModel):
     first_missed = peewee.DateTimeField(null=True)
     late = peewee.BooleanField(default=False, constraints=sql_default("FALSE"))
     reason = peewee.CharField(max_length=500, default="", constraints=sql_default("''"))
+    # The exact bytes kept of stdout and stderr, when the text view is lossy (bytes that
+    # are not UTF-8, or NUL, which PostgreSQL text cannot hold).
+    stdout_raw = peewee.BlobField(null=True)
+    stderr_raw = peewee.BlobField(null=True)
 
     class Meta:
         indexes = (

@@ -9,6 +9,7 @@ tasks and read the latest complete execution. Serve it with waitress:
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
 import datetime as dt
 import logging
@@ -26,8 +27,9 @@ import waitress
 from agent import (AGENT_ID_PATTERN, UTC, FrequencyError, TaskError, format_time, parse_frequency,
                    validate_task_options, zone_for)
 from executions import latest_complete_execution
-from jsonapi import (MAX_BODY_BYTES, byte_count, api_error, json_response, local_time_text,
-                     optional_boolean, optional_exit_code, optional_label, optional_output,
+from jsonapi import (MAX_BODY_BYTES, api_error, byte_count, json_response, local_time_text,
+                     optional_base64, optional_boolean, optional_count, optional_exit_code,
+                     optional_label, optional_output,
                      optional_time, read_json_object, read_missed_range, render_http_error,
                      required_string, seconds_json, time_text)
 from models import Agent, Result, Task, database, open_database, sqlite_url, utc_now
@@ -63,6 +65,24 @@ class ServerConfig:
 # ---------------------------------------------------------------------------
 # The application
 # ---------------------------------------------------------------------------
+
+
+def output_fields(name: str, text: str, raw: Optional[bytes], truncated: bool) -> dict[str, Any]:
+    """Return a stream's fields of an output: its text (left out when empty), and its
+    exact bytes as base64 when the text alone is lossy.
+
+    With the bytes at hand and no truncation, the text is decoded from them, so a NUL
+    shows as NUL (escaped by JSON) rather than as the U+FFFD stored in the text column.
+    A truncated text keeps its truncation marker, which the bytes lack.
+    """
+    fields: dict[str, Any] = {}
+    if raw is not None:
+        fields[f"{name}_base64"] = base64.b64encode(bytes(raw)).decode("ascii")
+        if not truncated:
+            text = bytes(raw).decode("utf-8", errors="replace")
+    if text:
+        fields[name] = text
+    return fields
 
 
 def task_json(task: Task) -> dict:
@@ -194,10 +214,8 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
         outputs = []
         for result in execution.results:
             output: dict[str, Any] = {"agent_id": result.agent_id}
-            if result.stdout:
-                output["stdout"] = result.stdout
-            if result.stderr:
-                output["stderr"] = result.stderr
+            output.update(output_fields("stdout", result.stdout, result.stdout_raw, result.truncated))
+            output.update(output_fields("stderr", result.stderr, result.stderr_raw, result.truncated))
             output.update(
                 exit_code=result.exit_code,
                 status=result.status,
@@ -263,6 +281,8 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
             stderr_bytes=byte_count(data, "stderr_bytes", stderr),
             truncated=optional_boolean(data, "truncated"),
             missed_slots=missed_slots, first_missed=first_missed, late=late, reason=reason,
+            stdout_raw=optional_base64(data, "stdout_base64", MAX_OUTPUT_LENGTH),
+            stderr_raw=optional_base64(data, "stderr_base64", MAX_OUTPUT_LENGTH),
         )
         with database.atomic():
             inserted = (Result.insert(**fields)
@@ -295,6 +315,8 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
             "hostname": optional_label(data, "hostname", 255),
             "platform": optional_label(data, "platform", 255),
             "version": optional_label(data, "version", 64),
+            "outbox_depth": optional_count(data, "outbox_depth"),
+            "outbox_dropped": optional_count(data, "outbox_dropped"),
         }
         now = utc_now()
         with database.atomic():
@@ -332,6 +354,7 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
                 "registered_at": time_text(agent.registered_at),
                 "last_seen_at": time_text(agent.last_seen_at),
                 "state": "online" if agent.last_seen_at >= threshold else "offline",
+                "outbox_depth": agent.outbox_depth, "outbox_dropped": agent.outbox_dropped,
             })
         return json_response({"agents": agents})
 
