@@ -39,7 +39,7 @@ import threading
 import time
 import uuid
 import zoneinfo
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Optional
 
 import requests
@@ -1303,12 +1303,17 @@ class Runner:
         self.clock = clock or Clock()
         os.makedirs(work_dir, exist_ok=True)
 
-    def timeout_for(self, task: Task, slot: dt.datetime) -> float:
-        """The run's time limit: the task's timeout, or its period up to the next slot, at most 1 hour."""
+    def timeout_for(self, task: Task, slot: dt.datetime, started_at: Optional[dt.datetime] = None) -> float:
+        """Return the run's time limit in seconds from its start.
+
+        It is the task's timeout, or by default the time until the task's next slot (at
+        least 1 s, at most 1 hour), so that a run that hangs ends when the next one is due
+        instead of making it skip.
+        """
         if task.timeout is not None:
             return float(task.timeout)
-        period = (task.parsed_frequency().next_after(slot) - slot).total_seconds()
-        return min(max(period, 1.0), self.MAX_TIMEOUT_SECONDS)
+        until_next = (task.parsed_frequency().next_after(slot) - (started_at or slot)).total_seconds()
+        return min(max(until_next, 1.0), self.MAX_TIMEOUT_SECONDS)
 
     def run(self, task: Task, slot: dt.datetime, handle: Optional["RunHandle"] = None) -> RunResult:
         env = dict(os.environ)
@@ -1335,7 +1340,9 @@ class Runner:
                 stdout="", stderr=f"taskscheduler could not start the shell: {error}",
             )
 
+        timeout = self.timeout_for(task, slot, started_at)
         if handle is not None:
+            handle.deadline = started_at + dt.timedelta(seconds=timeout)
             handle.attach(process)
         stdout, stderr = BoundedOutput(self.output_limit), BoundedOutput(self.output_limit)
         readers = [
@@ -1347,7 +1354,7 @@ class Runner:
 
         status = "succeeded"
         try:
-            exit_code = process.wait(timeout=self.timeout_for(task, slot))
+            exit_code = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             status = "timed_out"
             exit_code = kill_process_tree(process, self.KILL_GRACE_SECONDS)
@@ -1363,7 +1370,7 @@ class Runner:
             status = "failed"
         reason = ""
         if status == "timed_out":
-            reason = f"the run lasted longer than its timeout of {self.timeout_for(task, slot):g} s"
+            reason = f"the run lasted longer than its timeout of {timeout:g} s"
         elif status == "cancelled":
             reason = "the run was stopped because the next slot replaced it"
         return RunResult(
@@ -1385,6 +1392,9 @@ class RunHandle:
         self.slot = slot
         self.kill_grace = kill_grace
         self.cancelled = False
+        # When the run's time limit ends it; None until the command starts.
+        self.deadline: Optional[dt.datetime] = None
+        self.future: Optional[Future] = None
         self._on_start = on_start
         self._process: Optional[subprocess.Popen] = None
         self._lock = threading.Lock()
@@ -1480,13 +1490,40 @@ def _signal_group(group: int, sig: int) -> None:
 
 
 def _group_alive(group: int) -> bool:
+    """Return whether a process group has a member that is not a zombie.
+
+    A killed child whose shell is gone becomes a zombie until init reaps it, which
+    some init processes do only every second or so; it counts as dead here.
+    """
     try:
         os.killpg(group, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    states = _group_states(group)
+    return states is None or any(state != "Z" for state in states)
+
+
+def _group_states(group: int) -> Optional[list[str]]:
+    """Return the states of a process group's members from /proc, or None without /proc."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    states = []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat_file:
+                # The command name in brackets may hold spaces, so split after it.
+                fields = stat_file.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[2] == str(group).encode():
+            states.append(fields[0].decode())
+    return states
 
 
 # ---------------------------------------------------------------------------
@@ -1534,7 +1571,7 @@ class ServerClient:
                     raise
                 continue
             if index != self._current:
-                log.info("switched to server %s", self.base_urls[index])
+                log.info("switched to server %s", redact_url(self.base_urls[index]))
                 self._current = index
             return result
         assert error is not None
@@ -1545,7 +1582,7 @@ class ServerClient:
         try:
             response = self.session.request(method, url, json=body, timeout=self.timeout)
         except requests.RequestException as error:
-            raise ServerError(f"{method} {url} failed: {error}") from None
+            raise ServerError(f"{method} {redact_url(url)} failed: {error}") from None
         if response.status_code >= 400:
             try:
                 answer = response.json()
@@ -1553,15 +1590,15 @@ class ServerClient:
             except ValueError:
                 message = response.text[:200]
             raise ServerError(
-                f"{method} {url} returned {response.status_code}: {message}",
+                f"{method} {redact_url(url)} returned {response.status_code}: {message}",
                 status=response.status_code,
             )
         try:
             answer = response.json()
         except ValueError:
-            raise ServerError(f"{method} {url} returned a body that is not JSON") from None
+            raise ServerError(f"{method} {redact_url(url)} returned a body that is not JSON") from None
         if not isinstance(answer, dict):
-            raise ServerError(f"{method} {url} returned JSON that is not an object")
+            raise ServerError(f"{method} {redact_url(url)} returned JSON that is not an object")
         return answer
 
     def register(self, push_url: Optional[str], outbox: Optional[dict] = None) -> dict:
@@ -1712,7 +1749,9 @@ class Agent:
         Called on the loop thread, so it never waits for a command.
         """
         with self._running_lock:
-            going = list(self._running.get(task.task_id, ()))
+            # A run whose time limit ends by this slot is stopping and does not count.
+            going = [handle for handle in self._running.get(task.task_id, ())
+                     if handle.deadline is None or handle.deadline > slot]
             busy = self._active_runs >= self.max_concurrent_runs
         if going and task.overlap == "skip":
             self._record_skipped(task, slot, "the previous run was still going")
@@ -1737,7 +1776,7 @@ class Agent:
         with self._running_lock:
             self._running.setdefault(task.task_id, []).append(handle)
             self._active_runs += 1
-        self.pool.submit(self._run, handle, late)
+        handle.future = self.pool.submit(self._run, handle, late)
 
     def _record_skipped(self, task: Task, slot: dt.datetime, reason: str) -> None:
         now = self.clock.now()
@@ -1801,12 +1840,12 @@ class Agent:
         try:
             self.client.register(self.push_url, self.store.outbox_stats())
             if not self._registered:
-                log.info("registered with %s as agent %s", self.client.base_url, self.agent_id)
+                log.info("registered with %s as agent %s", redact_url(self.client.base_url), self.agent_id)
                 self._registered = True
             tasks = self.client.fetch_tasks()
         except ServerError as error:
             log.warning("sync with %s failed, running the stored task list: %s",
-                        self.client.base_url, error)
+                        redact_url(self.client.base_url), error)
             return False
         changed = self.store.replace_tasks(tasks)
         self.store.prune_runs()
@@ -1850,10 +1889,25 @@ class Agent:
         self.start_background_threads()
         self.scheduler.run_forever(self.stop_event)
         log.info("agent %s stopping; waiting for running commands", self.agent_id)
+        self._skip_queued_runs()
         self.pool.shutdown(wait=True)
         self.sender.send_pending()
         self.store.close()
         log.info("agent %s stopped", self.agent_id)
+
+    def _skip_queued_runs(self) -> None:
+        """Record runs still waiting for a worker as skipped, so a stop starts no command."""
+        with self._running_lock:
+            handles = [handle for handles in self._running.values() for handle in handles]
+        for handle in handles:
+            if handle.future is not None and handle.future.cancel():
+                self.store.record_finish(RunResult(
+                    task_id=handle.task.task_id, scheduled_for=handle.slot, started_at=None,
+                    finished_at=self.clock.now(), exit_code=None, status="skipped",
+                    reason="the agent stopped before the run could start",
+                ))
+                log.info("task %s slot %s skipped: the agent is stopping",
+                         handle.task.task_id, format_time(handle.slot))
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -1925,6 +1979,11 @@ def start_push_listener(agent: Agent, host: str, port: int) -> http.server.Threa
 # ---------------------------------------------------------------------------
 
 
+def redact_url(url: str) -> str:
+    """Hide a password in a URL's user information, for logs."""
+    return re.sub(r"(://[^:/@\s]*:)[^@/\s]*@", r"\1***@", url)
+
+
 def parse_listen(value: str) -> tuple[str, int]:
     host, _, port = value.rpartition(":")
     if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -1960,8 +2019,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="directory for the agent's id, task list and unsent reports "
                              "(env TASKSCHEDULER_STATE_DIR; default: ./agent-state)")
     parser.add_argument("--id", dest="agent_id", default=os.environ.get("TASKSCHEDULER_AGENT_ID"),
-                        help="agent id, 1-64 letters, digits, '.', '_' or '-' (default: the stored id, "
-                             "or HOSTNAME-RANDOM generated on first start)")
+                        help="agent id, 1-64 letters, digits, '.', '_' or '-' (env TASKSCHEDULER_AGENT_ID; "
+                             "default: the stored id, or HOSTNAME-RANDOM generated on first start)")
     parser.add_argument("--listen", type=parse_listen, metavar="HOST:PORT",
                         help="accept task pushes from the server on this address (default: off; "
                              "the agent then gets tasks by pulling alone)")
@@ -2026,7 +2085,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     agent.push_url = push_url
 
     log.info("agent %s: servers %s, state dir %s, push URL %s, sync every %.1f s, at most %d runs "
-             "at once (%s beyond), outbox size %d", agent.agent_id, ", ".join(server_urls),
+             "at once (%s beyond), outbox size %d", agent.agent_id,
+             ", ".join(redact_url(url) for url in server_urls),
              os.path.abspath(args.state_dir), push_url or "none", args.sync_interval,
              args.max_concurrent_runs, args.when_busy, args.outbox_size)
 

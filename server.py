@@ -376,12 +376,24 @@ def positive_float(value: str) -> float:
     return number
 
 
+def port_number(value: str) -> int:
+    if not value.isascii() or not value.isdigit() or not 0 <= int(value) <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {value!r}: expected a number from 0 to 65535")
+    return int(value)
+
+
+def thread_count(value: str) -> int:
+    if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= 256:
+        raise argparse.ArgumentTypeError(f"invalid thread count {value!r}: expected a number from 1 to 256")
+    return int(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Serve the taskscheduler REST API with waitress.")
     parser.add_argument("--host", default=os.environ.get("TASKSCHEDULER_HOST", "127.0.0.1"),
                         help="address to listen on (env TASKSCHEDULER_HOST; default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("TASKSCHEDULER_PORT", "8080")),
-                        help="TCP port to listen on (env TASKSCHEDULER_PORT; default: 8080)")
+    parser.add_argument("--port", type=port_number, default=os.environ.get("TASKSCHEDULER_PORT", "8080"),
+                        help="TCP port to listen on, 0-65535 (env TASKSCHEDULER_PORT; default: 8080)")
     parser.add_argument("--data-dir", default=os.environ.get("TASKSCHEDULER_DATA_DIR", "data"),
                         help="directory of the default SQLite database (env TASKSCHEDULER_DATA_DIR; "
                              "default: ./data)")
@@ -389,8 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="peewee database URL, such as sqlite:///data/taskscheduler.db or "
                              "postgresql://user@host:5432/name (env TASKSCHEDULER_DATABASE; "
                              "default: DATA_DIR/taskscheduler.db)")
-    parser.add_argument("--threads", type=int, default=16,
-                        help="waitress worker threads (default: 16)")
+    parser.add_argument("--threads", type=thread_count, default=16,
+                        help="waitress worker threads, 1-256 (default: 16)")
     parser.add_argument("--agent-timeout", type=positive_float, default=30.0, metavar="SECONDS",
                         help="an agent not heard from for this long is offline and no longer "
                              "expected to report (default: 30)")

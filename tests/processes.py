@@ -268,9 +268,10 @@ class Api:
                                  f"{response.status_code}, expected {expected}: {response.text[:500]}")
         return response.json()
 
-    def create_task(self, command: str, frequency: str) -> str:
+    def create_task(self, command: str, frequency: str, **options) -> str:
+        """Create a task; `options` are further fields such as timezone or overlap."""
         response = self.session.post(self.base_url + "/api/v1/tasks/create",
-                                     json={"command": command, "frequency": frequency},
+                                     json=dict(options, command=command, frequency=frequency),
                                      timeout=HTTP_TIMEOUT_SECONDS)
         return self._check(response, 201)["task_id"]
 

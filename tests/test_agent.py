@@ -436,7 +436,7 @@ class QuickKillRunner(agent.Runner):
 
     KILL_GRACE_SECONDS = 0.5
 
-    def timeout_for(self, task: Task, slot: dt.datetime) -> float:
+    def timeout_for(self, task: Task, slot: dt.datetime, started_at: dt.datetime | None = None) -> float:
         return 0.5
 
 
