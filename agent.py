@@ -562,7 +562,9 @@ class Task:
       (reported as skipped), `allow` a second run, or `replace` (stop the old run);
     - jitter: the start is delayed by a fixed per-agent amount below this many
       seconds, while the run still belongs to its slot;
-    - timeout: seconds a run may last; None means the task's period, at most 1 hour.
+    - timeout: seconds a run may last; None means until the next slot, at most 1 hour;
+    - environment: variables added to (or replacing those of) the agent's environment
+      for the command, as sorted (name, value) pairs.
     """
 
     task_id: str
@@ -573,6 +575,7 @@ class Task:
     overlap: str = "skip"
     jitter: float = 0
     timeout: Optional[float] = None
+    environment: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_json(cls, data: object) -> "Task":
@@ -595,7 +598,9 @@ class Task:
         return task
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        body = dataclasses.asdict(self)
+        body["environment"] = dict(self.environment)
+        return body
 
     def parsed_frequency(self) -> Frequency:
         return _parse_frequency_cached(self.frequency, self.timezone)
@@ -630,7 +635,34 @@ def validate_task_options(data: dict) -> dict:
         "overlap": overlap,
         "jitter": _number_option(data, "jitter", 0, MAX_JITTER_SECONDS, allow_none=True) or 0,
         "timeout": _number_option(data, "timeout", None, MAX_TIMEOUT_SECONDS, minimum=1.0),
+        "environment": _environment_option(data.get("environment")),
     }
+
+
+ENVIRONMENT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+MAX_ENVIRONMENT_ENTRIES = 64
+MAX_ENVIRONMENT_VALUE_LENGTH = 4096
+
+
+def _environment_option(value: object) -> tuple[tuple[str, str], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise TaskError("environment", "environment must be an object of variable names to "
+                                       'string values, such as {"LANG": "C.UTF-8"}')
+    if len(value) > MAX_ENVIRONMENT_ENTRIES:
+        raise TaskError("environment", f"environment has more than {MAX_ENVIRONMENT_ENTRIES} variables")
+    for name, text in value.items():
+        if not ENVIRONMENT_NAME.fullmatch(name):
+            raise TaskError("environment", f"environment variable name {name!r} is invalid: use "
+                                           "letters, digits and _, not starting with a digit")
+        if name.upper().startswith("TASKSCHEDULER_"):
+            raise TaskError("environment", f"environment variable {name} is set by taskscheduler "
+                                           "itself and cannot be overridden")
+        if not isinstance(text, str) or "\x00" in text or len(text) > MAX_ENVIRONMENT_VALUE_LENGTH:
+            raise TaskError("environment", f"environment variable {name} must be a string of at "
+                                           f"most {MAX_ENVIRONMENT_VALUE_LENGTH} characters without NUL")
+    return tuple(sorted(value.items()))
 
 
 @dataclasses.dataclass
@@ -1317,6 +1349,7 @@ class Runner:
 
     def run(self, task: Task, slot: dt.datetime, handle: Optional["RunHandle"] = None) -> RunResult:
         env = dict(os.environ)
+        env.update(task.environment)
         env["TASKSCHEDULER_TASK_ID"] = task.task_id
         env["TASKSCHEDULER_AGENT_ID"] = self.agent_id
         env["TASKSCHEDULER_SCHEDULED_FOR"] = format_time(slot)

@@ -60,6 +60,8 @@ class Task(BaseModel):
     overlap = peewee.CharField(max_length=16, default="skip", constraints=sql_default("'skip'"))
     jitter = peewee.DoubleField(default=0, constraints=sql_default("0"))
     timeout = peewee.DoubleField(null=True)
+    # A JSON object of variable names to values.
+    environment = peewee.TextField(default="{}", constraints=sql_default("'{}'"))
 
 
 class Agent(BaseModel):

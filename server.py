@@ -12,6 +12,7 @@ import argparse
 import base64
 import dataclasses
 import datetime as dt
+import json
 import logging
 import os
 import re
@@ -96,6 +97,7 @@ def task_json(task: Task) -> dict:
         "overlap": task.overlap,
         "jitter": seconds_json(task.jitter),
         "timeout": seconds_json(task.timeout),
+        "environment": json.loads(task.environment or "{}"),
     }
 
 
@@ -171,6 +173,7 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
         except FrequencyError as error:
             raise api_error(400, f"frequency is invalid: {error}", "frequency") from None
 
+        options["environment"] = json.dumps(dict(options["environment"]), sort_keys=True)
         task = Task.create(id=str(uuid.uuid4()), command=command, frequency=frequency, **options)
         log.info("task %s created: frequency %r, time zone %s, catchup %g s, overlap %s, "
                  "jitter %g s, timeout %s", task.id, frequency, task.timezone, task.catchup,

@@ -19,7 +19,8 @@ from agent import UTC, parse_frequency, parse_time
 RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$")
 PUSH_URL = "http://127.0.0.1:9/"
 # The task options of a task created without any.
-DEFAULT_OPTIONS = {"timezone": "UTC", "catchup": 0, "overlap": "skip", "jitter": 0, "timeout": None}
+DEFAULT_OPTIONS = {"timezone": "UTC", "catchup": 0, "overlap": "skip", "jitter": 0, "timeout": None,
+                   "environment": {}}
 
 
 # ---------------------------------------------------------------------------

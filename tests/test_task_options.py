@@ -25,8 +25,10 @@ from agent import UTC, parse_frequency, parse_time
 
 OPTIONS = {"timezone": "Europe/Berlin", "catchup": 300, "overlap": "replace", "jitter": 2.5,
            "timeout": 90}
-DEFAULT_OPTIONS = {"timezone": "UTC", "catchup": 0, "overlap": "skip", "jitter": 0, "timeout": None}
-TASK_FIELDS = ["task_id", "command", "frequency", "timezone", "catchup", "overlap", "jitter", "timeout"]
+DEFAULT_OPTIONS = {"timezone": "UTC", "catchup": 0, "overlap": "skip", "jitter": 0, "timeout": None,
+                   "environment": {}}
+TASK_FIELDS = ["task_id", "command", "frequency", "timezone", "catchup", "overlap", "jitter", "timeout",
+               "environment"]
 ISO_WITH_OFFSET = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}[+-]\d{2}:\d{2}$")
 SLOT = "2026-01-05T10:00:00Z"
 
@@ -700,3 +702,62 @@ def test_bad_option_error_body(app):
 
     assert json.loads(response.body) == {"error": "overlap must be one of skip, allow, replace",
                                          "field": "overlap"}
+
+
+# ---------------------------------------------------------------------------
+# Per-task environment
+# ---------------------------------------------------------------------------
+
+
+def test_environment_stored_and_listed(app):
+    created = create_task(app, environment={"LANG": "C.UTF-8", "BACKUP_DIR": "/srv/backup"})
+
+    task_detail = app.get(f"/api/v1/tasks/{created['task_id']}").json
+
+    assert created["environment"] == {"BACKUP_DIR": "/srv/backup", "LANG": "C.UTF-8"}
+    assert task_detail["environment"] == {"BACKUP_DIR": "/srv/backup", "LANG": "C.UTF-8"}
+
+
+@pytest.mark.parametrize("environment, fragment", [
+    (["LANG=C"], "must be an object"),
+    ({"1ABC": "x"}, "invalid"),
+    ({"A-B": "x"}, "invalid"),
+    ({"TASKSCHEDULER_TASK_ID": "x"}, "cannot be overridden"),
+    ({"LANG": 5}, "must be a string"),
+    ({"LANG": "a\x00b"}, "without NUL"),
+    ({f"V{index}": "x" for index in range(65)}, "more than 64"),
+], ids=["list", "leading-digit", "dash", "reserved-name", "number-value", "nul-value", "too-many"])
+def test_environment_rejects_bad_value(app, environment, fragment):
+    response = app.post_json("/api/v1/tasks/create",
+                             {"command": "env", "frequency": "1m", "environment": environment},
+                             status=400)
+
+    assert response.json["field"] == "environment"
+    assert fragment in response.json["error"]
+    assert app.get("/api/v1/tasks").json["tasks"] == []
+
+
+def test_environment_reaches_command(tmp_path):
+    runner = agent.Runner("web-1", str(tmp_path / "work"))
+    task = agent.Task.from_json({"task_id": "t", "command": 'echo "$LANG $GREETING"',
+                                 "frequency": "1m",
+                                 "environment": {"LANG": "C.UTF-8", "GREETING": "hello"}})
+
+    result = runner.run(task, dt.datetime(2026, 1, 1, tzinfo=agent.UTC))
+
+    assert result.stdout == "C.UTF-8 hello\n"
+
+
+def test_environment_change_replaces_task(tmp_path):
+    store = agent.StateStore(str(tmp_path / "state"))
+    first = agent.Task.from_json({"task_id": "t", "command": "env", "frequency": "1m",
+                                  "environment": {"LANG": "C"}})
+    second = agent.Task.from_json({"task_id": "t", "command": "env", "frequency": "1m",
+                                   "environment": {"LANG": "C.UTF-8"}})
+
+    outcomes = [store.upsert_task(first), store.upsert_task(first), store.upsert_task(second)]
+    stored = store.tasks()
+    store.close()
+
+    assert outcomes == ["added", "unchanged", "replaced"]
+    assert stored == [second]
