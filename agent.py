@@ -1392,8 +1392,10 @@ class Runner:
             status = "timed_out"
             exit_code = kill_process_tree(process, self.KILL_GRACE_SECONDS)
         finished_at = self.clock.now()
-        if handle is not None and handle.cancelled:
-            status = "cancelled"
+        if handle is not None:
+            handle.exited = True
+            if handle.cancelled:
+                status = "cancelled"
 
         deadline = time.monotonic() + self.PIPE_GRACE_SECONDS
         for reader in readers:
@@ -1427,6 +1429,7 @@ class RunHandle:
         self.cancelled = False
         # When the run's time limit ends it; None until the command starts.
         self.deadline: Optional[dt.datetime] = None
+        self.exited = False
         self.future: Optional[Future] = None
         self._on_start = on_start
         self._process: Optional[subprocess.Popen] = None
@@ -1686,6 +1689,7 @@ class ReportSender:
         self.client = client
         self.backoff = Backoff()
         self._wakeup = threading.Event()
+        self._server_back = threading.Event()
 
     def notify(self) -> None:
         self._wakeup.set()
@@ -1710,14 +1714,21 @@ class ReportSender:
                         return False
                 self.store.mark_reported(task_id, slot_key)
 
+    def server_reachable(self) -> None:
+        """Cut a retry wait short: a sync just reached the server."""
+        self._server_back.set()
+        self._wakeup.set()
+
     def run_forever(self, stop: threading.Event) -> None:
         while not stop.is_set():
             self._wakeup.clear()
+            self._server_back.clear()
             if self.send_pending():
                 self.backoff.reset()
                 self._wakeup.wait(30.0)
             else:
-                stop.wait(self.backoff.next_delay())
+                # New results do not end this wait, or an outage would retry at their pace.
+                self._server_back.wait(self.backoff.next_delay())
 
 
 # ---------------------------------------------------------------------------
@@ -1782,9 +1793,10 @@ class Agent:
         Called on the loop thread, so it never waits for a command.
         """
         with self._running_lock:
-            # A run whose time limit ends by this slot is stopping and does not count.
+            # A run whose shell exited (its output may still be read) or whose time limit
+            # ends by this slot does not count.
             going = [handle for handle in self._running.get(task.task_id, ())
-                     if handle.deadline is None or handle.deadline > slot]
+                     if not handle.exited and (handle.deadline is None or handle.deadline > slot)]
             busy = self._active_runs >= self.max_concurrent_runs
         if going and task.overlap == "skip":
             self._record_skipped(task, slot, "the previous run was still going")
@@ -1884,7 +1896,7 @@ class Agent:
         self.store.prune_runs()
         log.debug("sync: %d tasks, changed: %s", len(tasks), changed)
         self.scheduler.request_reconcile(tasks)
-        self.sender.notify()
+        self.sender.server_reachable()
         return True
 
     def sync_forever(self) -> None:
