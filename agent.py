@@ -432,6 +432,10 @@ def _validate_cron(normalized: str, text: str) -> str:
     cronie; croniter 7 alone would read `59/15` as minute 59 only.
     """
     fields = normalized.split(" ")
+    if len(fields) == 1:
+        hint = ("intervals are whole numbers with a unit (30s, 5m, 1h30m); "
+                if any(character.isdigit() for character in normalized) else "")
+        raise FrequencyError(f"invalid frequency {text.strip()!r}: {hint}use {ACCEPTED_FORMS}")
     if len(fields) != 5:
         raise FrequencyError(
             f"cron expression {text.strip()!r} has {len(fields)} fields, expected 5 "
@@ -446,10 +450,10 @@ def _validate_cron(normalized: str, text: str) -> str:
     frequency = CronFrequency(text=text, expression=expression)
     try:
         frequency.next_after(dt.datetime(2000, 1, 1, tzinfo=UTC))
-    except Exception as error:  # croniter raises several types for impossible dates
+    except Exception:  # croniter raises several types for impossible dates
         raise FrequencyError(
-            f"cron expression {text.strip()!r} never fires (no matching date within "
-            f"{CRON_SEARCH_YEARS} years): {error}"
+            f"cron expression {text.strip()!r} never fires: no date matches it within "
+            f"{CRON_SEARCH_YEARS} years"
         ) from None
     return expression
 
@@ -462,7 +466,7 @@ def _cron_value(token: str, spec: tuple, text: str) -> int:
         value = names.index(token) + (1 if name == "month" else 0)
     else:
         raise FrequencyError(
-            f"invalid {name} value {token!r} in cron expression {text.strip()!r}: "
+            f"invalid {name} value {token.upper()!r} in cron expression {text.strip()!r}: "
             f"use numbers {lowest}-{highest}"
             + (f" or names such as {names[0].upper()}" if names else "")
         )
@@ -545,8 +549,14 @@ def _number_option(data: dict, field: str, default, maximum: float, minimum: flo
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         raise TaskError(field, f"{field} must be a number of seconds")
     if not minimum <= value <= maximum:
-        raise TaskError(field, f"{field} must be between {minimum:g} and {maximum:g} seconds, not {value:g}")
+        raise TaskError(field, f"{field} must be between {_format_number(minimum)} and "
+                               f"{_format_number(maximum)} seconds, not {_format_number(value)}")
     return value
+
+
+def _format_number(value: float) -> str:
+    """Format a number of seconds in full: 31622400, not 3.16224e+07."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -637,6 +647,24 @@ def validate_task_options(data: dict) -> dict:
         "timeout": _number_option(data, "timeout", None, MAX_TIMEOUT_SECONDS, minimum=1.0),
         "environment": _environment_option(data.get("environment")),
     }
+
+
+def check_jitter(frequency: Frequency, jitter: float, now: Optional[dt.datetime] = None) -> None:
+    """Raise TaskError unless `jitter` is shorter than the gap between the task's slots.
+
+    A longer jitter would start a run after the next slot. For cron expressions the gap
+    is the shortest among the next 50 slots.
+    """
+    if not jitter:
+        return
+    if isinstance(frequency, IntervalFrequency):
+        shortest = float(frequency.seconds)
+    else:
+        slots = frequency.next_slots(now or dt.datetime.now(UTC), 50)
+        shortest = min((later - earlier).total_seconds() for earlier, later in zip(slots, slots[1:]))
+    if jitter >= shortest:
+        raise TaskError("jitter", f"jitter must be shorter than the time between the task's slots "
+                                  f"({_format_number(shortest)} s), not {_format_number(jitter)}")
 
 
 ENVIRONMENT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
@@ -1007,6 +1035,9 @@ def count_slots(frequency: Frequency, after: dt.datetime, until: dt.datetime,
     return count
 
 
+LOG_VERBS = {"added": "planned", "replaced": "re-planned changed", "removed": "dropped"}
+
+
 @dataclasses.dataclass
 class PlannedTask:
     task: Task
@@ -1104,7 +1135,7 @@ class TaskScheduler:
 
         for kind, task_ids in changes.items():
             if task_ids:
-                log.info("tasks %s: %s", kind, ", ".join(task_ids))
+                log.info("%s %d tasks: %s", LOG_VERBS[kind], len(task_ids), ", ".join(task_ids))
         return changes
 
     def replan_all(self, now: Optional[dt.datetime] = None) -> None:
@@ -1842,7 +1873,7 @@ class Agent:
                    "or the clock jumped)",
         ))
         if recorded:
-            log.warning("task %s missed %d slots from %s to %s", task.task_id, count,
+            log.warning("task %s: slots missed: %d, from %s to %s", task.task_id, count,
                         format_time(first), format_time(last))
             self.sender.notify()
 
@@ -1986,6 +2017,11 @@ class PushHandler(http.server.BaseHTTPRequestHandler):
         if self.path != "/api/v1/tasks/schedule":
             self._send_json(404, {"error": f"no endpoint at {self.path}; use POST /api/v1/tasks/schedule"})
             return
+        content_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            self._send_json(415, {"error": "send the body as JSON with the header "
+                                           "Content-Type: application/json"})
+            return
         try:
             length = int(self.headers.get("Content-Length", "0"))
         except ValueError:
@@ -2022,6 +2058,35 @@ def start_push_listener(agent: Agent, host: str, port: int) -> http.server.Threa
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
+
+
+def lock_state_dir(state_dir: str):
+    """Take an exclusive lock on the state directory, or raise OSError if another agent has it.
+
+    Two agents on one state directory would each take the other's running slots for
+    lost runs. The lock is released when the returned file is closed or the process ends.
+    """
+    os.makedirs(state_dir, exist_ok=True)
+    path = os.path.join(state_dir, "agent.lock")
+    lock_file = open(path, "a+")
+    try:
+        if ON_WINDOWS:
+            import msvcrt
+            msvcrt.locking(lock_file.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock_file.seek(0)
+        owner = lock_file.read().strip() or "unknown"
+        lock_file.close()
+        raise OSError(f"state directory {state_dir} is in use by another agent (pid {owner}); "
+                      "give each agent its own --state-dir") from None
+    lock_file.seek(0)
+    lock_file.truncate()
+    lock_file.write(str(os.getpid()))
+    lock_file.flush()
+    return lock_file
 
 
 def redact_url(url: str) -> str:
@@ -2106,6 +2171,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     push_url = args.advertise_url
     try:
+        state_lock = lock_state_dir(args.state_dir)
+    except OSError as error:
+        print(f"agent.py: error: {error}", file=sys.stderr)
+        return 2
+    try:
         agent = Agent(server_urls, args.state_dir, agent_id=args.agent_id,
                       sync_interval=args.sync_interval,
                       max_concurrent_runs=args.max_concurrent_runs, when_busy=args.when_busy,
@@ -2144,6 +2214,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     agent.run()
     if listener is not None:
         listener.shutdown()
+    state_lock.close()
     return 0
 
 

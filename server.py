@@ -25,8 +25,8 @@ import bottle
 import peewee
 import waitress
 
-from agent import (AGENT_ID_PATTERN, UTC, FrequencyError, TaskError, format_time, parse_frequency,
-                   validate_task_options, zone_for)
+from agent import (AGENT_ID_PATTERN, UTC, FrequencyError, TaskError, check_jitter, format_time,
+                   parse_frequency, validate_task_options, zone_for)
 from executions import latest_complete_execution
 from jsonapi import (MAX_BODY_BYTES, api_error, byte_count, json_response, local_time_text,
                      optional_base64, optional_boolean, optional_count, optional_exit_code,
@@ -66,6 +66,25 @@ class ServerConfig:
 # ---------------------------------------------------------------------------
 # The application
 # ---------------------------------------------------------------------------
+
+
+# How far ahead of the server's clock a report's slot may be, for agents whose clock is ahead.
+MAX_CLOCK_AHEAD = dt.timedelta(minutes=5)
+
+
+def check_slot(frequency, scheduled_for: dt.datetime, now: dt.datetime) -> None:
+    """Reject a report slot that is not one of the task's slots, or lies in the future.
+
+    Such a report would make up an execution that `latest_output` serves instead of real ones.
+    """
+    aware = scheduled_for.replace(tzinfo=UTC)
+    if scheduled_for > now + MAX_CLOCK_AHEAD:
+        raise api_error(400, f"scheduled_for {time_text(scheduled_for)} is in the future; a report "
+                             "belongs to a slot that is already due", "scheduled_for")
+    if frequency.latest_at_or_before(aware) != aware:
+        raise api_error(400, f"scheduled_for {time_text(scheduled_for)} is not a slot of the task's "
+                             f"frequency {frequency.text!r}; leave it out to report the slot due now",
+                        "scheduled_for")
 
 
 def output_fields(name: str, text: str, raw: Optional[bytes], truncated: bool) -> dict[str, Any]:
@@ -148,6 +167,7 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
     app.config["taskscheduler.pusher"] = pusher
 
     def find_task(task_id: str) -> Task:
+        task_id = task_id.lower()  # UUIDs compare without case; ids are stored in lower case
         task = Task.get_or_none(Task.id == task_id) if TASK_ID_PATTERN.fullmatch(task_id) else None
         if task is None:
             raise api_error(404, f"task {task_id} not found", "task_id")
@@ -170,9 +190,13 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
         # bad frequency.
         options = read_task_options(data)
         try:
-            parse_frequency(frequency, options["timezone"])
+            parsed_frequency = parse_frequency(frequency, options["timezone"])
         except FrequencyError as error:
             raise api_error(400, f"frequency is invalid: {error}", "frequency") from None
+        try:
+            check_jitter(parsed_frequency, options["jitter"])
+        except TaskError as error:
+            raise api_error(400, str(error), error.field) from None
 
         options["environment"] = json.dumps(dict(options["environment"]), sort_keys=True)
         task = Task.create(id=str(uuid.uuid4()), command=command, frequency=frequency, **options)
@@ -261,10 +285,12 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
         finished_at = optional_time(data, "finished_at") or now
         started_at = optional_time(data, "started_at")
         scheduled_for = optional_time(data, "scheduled_for")
+        frequency = parse_frequency(task.frequency, task.timezone)
         if scheduled_for is None:
             # A plain REST report belongs to the execution that is due now.
-            frequency = parse_frequency(task.frequency, task.timezone)
             scheduled_for = frequency.latest_at_or_before(now.replace(tzinfo=UTC)).replace(tzinfo=None)
+        else:
+            check_slot(frequency, scheduled_for, now)
         status = data.get("status")
         if status is None:
             status = "succeeded" if exit_code in (None, 0) else "failed"

@@ -11,6 +11,7 @@ import datetime as dt
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 
@@ -753,3 +754,47 @@ def test_push_get_is_405(push, http):
     assert response.status_code == 405
     assert response.headers["Content-Type"] == "application/json"
     assert "error" in response.json()
+
+
+def test_push_rejects_wrong_content_type(push, http):
+    pushed_agent, url = push
+
+    response = http.post(url, data='{"task_id": "t1"}', headers={"Content-Type": "text/plain"},
+                         timeout=5)
+
+    assert response.status_code == 415
+    assert pushed_agent.store.tasks() == []
+
+
+# ---------------------------------------------------------------------------
+# State directory lock
+# ---------------------------------------------------------------------------
+
+
+def test_second_agent_on_state_dir_rejected(tmp_path):
+    state_dir = str(tmp_path / "state")
+    first = agent.lock_state_dir(state_dir)
+
+    completed = subprocess.run(
+        [sys.executable, os.path.join(agent_dir(), "agent.py"), "--server", "http://127.0.0.1:9",
+         "--state-dir", state_dir],
+        capture_output=True, text=True, timeout=30)
+    first.close()
+
+    assert completed.returncode == 2
+    assert "in use by another agent" in completed.stderr
+    assert f"pid {os.getpid()}" in completed.stderr
+
+
+def test_state_dir_lock_released_on_close(tmp_path):
+    state_dir = str(tmp_path / "state")
+
+    agent.lock_state_dir(state_dir).close()
+    second = agent.lock_state_dir(state_dir)
+    second.close()
+
+    assert os.path.exists(os.path.join(state_dir, "agent.lock"))
+
+
+def agent_dir() -> str:
+    return os.path.dirname(os.path.abspath(agent.__file__))

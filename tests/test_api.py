@@ -208,7 +208,7 @@ CREATE_REJECTS = [
     ("frequency-too-long", json_body({"command": "true", "frequency": "* " * 100 + "*"}),
      "application/json", 400, "frequency", "200"),
     ("sometimes", json_body({"command": "true", "frequency": "sometimes"}), "application/json",
-     400, "frequency", "expected 5"),
+     400, "frequency", "invalid frequency 'sometimes'"),
     ("every-0-seconds", json_body({"command": "true", "frequency": "every 0 seconds"}),
      "application/json", 400, "frequency", "shorter than 1 second"),
     ("0s", json_body({"command": "true", "frequency": "0s"}), "application/json",
@@ -648,3 +648,60 @@ def test_wrong_method_is_405_json(app, method, path, allowed):
 
     assert_json_error(response, 405, None, method)
     assert allowed in response.headers.get("Allow", "")
+
+
+# ---------------------------------------------------------------------------
+# Report slots, task id case and jitter
+# ---------------------------------------------------------------------------
+
+
+def test_complete_rejects_slot_off_schedule(app):
+    task = create_task(app, frequency="every 1 hours")
+
+    response = app.post_json(f"/api/v1/tasks/{task['task_id']}/complete",
+                             {"server_id": "web-1", "scheduled_for": "2026-01-01T00:17:00Z"},
+                             status=400)
+
+    assert response.json["field"] == "scheduled_for"
+    assert "not a slot" in response.json["error"]
+    assert models.Result.select().count() == 0
+
+
+def test_complete_rejects_future_slot(app):
+    task = create_task(app, frequency="every 1 hours")
+
+    response = app.post_json(f"/api/v1/tasks/{task['task_id']}/complete",
+                             {"server_id": "web-1", "scheduled_for": "2030-01-01T00:00:00Z"},
+                             status=400)
+
+    assert response.json["field"] == "scheduled_for"
+    assert "future" in response.json["error"]
+    assert models.Result.select().count() == 0
+
+
+def test_uppercase_task_id_found(app):
+    task = create_task(app)
+
+    response = app.get(f"/api/v1/tasks/{task['task_id'].upper()}")
+
+    assert response.json["task_id"] == task["task_id"]
+
+
+@pytest.mark.parametrize("frequency, jitter", [
+    ("every 1 minutes", 60),
+    ("every 1 minutes", 120),
+    ("*/5 * * * *", 300),
+], ids=["equal-interval", "above-interval", "equal-cron-gap"])
+def test_create_rejects_jitter_beyond_period(app, frequency, jitter):
+    response = app.post_json("/api/v1/tasks/create",
+                             {"command": "true", "frequency": frequency, "jitter": jitter}, status=400)
+
+    assert response.json["field"] == "jitter"
+    assert stored_task_count(app) == 0
+
+
+def test_create_accepts_jitter_below_period(app):
+    response = app.post_json("/api/v1/tasks/create",
+                             {"command": "true", "frequency": "*/5 * * * *", "jitter": 299})
+
+    assert response.json["jitter"] == 299
