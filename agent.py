@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import codecs
 import dataclasses
 import datetime as dt
 import functools
@@ -37,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 import zoneinfo
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,6 +46,7 @@ from typing import Callable, Iterable, Optional
 
 import requests
 import schedule
+import urllib3
 from croniter import croniter
 
 __version__ = "0.1.0"
@@ -53,6 +56,7 @@ log = logging.getLogger("taskscheduler.agent")
 UTC = dt.timezone.utc
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=UTC)
 AGENT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+TASK_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 ON_WINDOWS = os.name == "nt"
 
 
@@ -549,9 +553,18 @@ def _number_option(data: dict, field: str, default, maximum: float, minimum: flo
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         raise TaskError(field, f"{field} must be a number of seconds")
     if not minimum <= value <= maximum:
+        shown = _format_number(value) if abs(value) < 1e15 else "a larger number"
         raise TaskError(field, f"{field} must be between {_format_number(minimum)} and "
-                               f"{_format_number(maximum)} seconds, not {_format_number(value)}")
+                               f"{_format_number(maximum)} seconds, not {shown}")
     return value
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _format_number(value: float) -> str:
@@ -596,8 +609,11 @@ class Task:
             value = data.get(field)
             if not isinstance(value, str) or not value.strip():
                 raise TaskError(field, f"{field} is missing or not a non-empty string")
-            if "\x00" in value:
-                raise TaskError(field, f"{field} contains a NUL character")
+            if "\x00" in value or not _encodable(value):
+                raise TaskError(field, f"{field} contains a NUL character or a lone surrogate")
+        if not TASK_ID_PATTERN.fullmatch(data["task_id"]):
+            raise TaskError("task_id", "task_id must be 1-64 letters, digits, '.', '_' or '-', "
+                                       "such as the UUID the server gives")
         options = validate_task_options(data)
         task = cls(task_id=data["task_id"], command=data["command"], frequency=data["frequency"],
                    **options)
@@ -687,9 +703,11 @@ def _environment_option(value: object) -> tuple[tuple[str, str], ...]:
         if name.upper().startswith("TASKSCHEDULER_"):
             raise TaskError("environment", f"environment variable {name} is set by taskscheduler "
                                            "itself and cannot be overridden")
-        if not isinstance(text, str) or "\x00" in text or len(text) > MAX_ENVIRONMENT_VALUE_LENGTH:
+        if (not isinstance(text, str) or "\x00" in text or len(text) > MAX_ENVIRONMENT_VALUE_LENGTH
+                or not _encodable(text)):
             raise TaskError("environment", f"environment variable {name} must be a string of at "
-                                           f"most {MAX_ENVIRONMENT_VALUE_LENGTH} characters without NUL")
+                                           f"most {MAX_ENVIRONMENT_VALUE_LENGTH} characters without "
+                                           "NUL or lone surrogates")
     return tuple(sorted(value.items()))
 
 
@@ -951,7 +969,14 @@ class StateStore:
                 "WHERE reported = 0 AND status != 'running' ORDER BY scheduled_for LIMIT ?",
                 (limit,),
             ).fetchall()
-        return [(task_id, slot, json.loads(body)) for task_id, slot, body in rows]
+        reports = []
+        for task_id, slot, body in rows:
+            try:
+                reports.append((task_id, slot, json.loads(body)))
+            except (TypeError, ValueError):
+                log.error("outbox entry of task %s slot %s is unreadable and is dropped", task_id, slot)
+                self.mark_reported(task_id, slot)
+        return reports
 
     def mark_reported(self, task_id: str, slot_key: str) -> None:
         with self._lock:
@@ -1022,11 +1047,16 @@ def jitter_offset(agent_id: str, task: Task, slot: dt.datetime) -> float:
 
 
 def count_slots(frequency: Frequency, after: dt.datetime, until: dt.datetime,
-                limit: int = 100_000) -> int:
-    """Count the slots in (after, until], stopping at `limit`."""
+                limit: int = 10_000) -> int:
+    """Count the slots in (after, until], stopping at `limit` for cron expressions.
+
+    Interval slots are counted exactly. Cron slots are stepped through one by one, which
+    costs up to milliseconds each near a daylight-saving change, so the count stops at
+    `limit` to keep the loop thread free after a long downtime.
+    """
     if isinstance(frequency, IntervalFrequency):
         period = dt.timedelta(seconds=frequency.seconds)
-        return min(max((until - EPOCH) // period - (after - EPOCH) // period, 0), limit)
+        return max((until - EPOCH) // period - (after - EPOCH) // period, 0)
     count = 0
     slot = frequency.next_after(after)
     while slot <= until and count < limit:
@@ -1310,9 +1340,19 @@ class BoundedOutput:
         shows NUL the same way, so the exact bytes are sent beside it in those cases.
         """
         kept = bytes(self.head) + bytes(self.tail)
+        head, tail = bytes(self.head), bytes(self.tail)
+        if self.truncated:
+            # The cut may split a character at the end of the head or the start of the
+            # tail; that alone loses nothing of the bytes kept.
+            skipped = 0
+            while skipped < 3 and skipped < len(tail) and 0x80 <= tail[skipped] < 0xC0:
+                skipped += 1
+            tail = tail[skipped:]
+        else:
+            head, tail = kept, b""
         try:
-            bytes(self.head).decode("utf-8")
-            bytes(self.tail).decode("utf-8")
+            codecs.getincrementaldecoder("utf-8")().decode(head, final=not self.truncated)
+            tail.decode("utf-8")
             lossless = b"\x00" not in kept
         except UnicodeDecodeError:
             lossless = False
@@ -1646,10 +1686,26 @@ class ServerClient:
 
     def _request_one(self, base_url: str, method: str, path: str, body: Optional[dict]) -> dict:
         url = base_url + path
+        # requests' timeout bounds each socket read, not the whole answer, so a server that
+        # trickles its body is cut off here after `timeout` seconds in all.
         try:
-            response = self.session.request(method, url, json=body, timeout=self.timeout)
+            response = self.session.request(method, url, json=body, timeout=self.timeout, stream=True)
         except requests.RequestException as error:
             raise ServerError(f"{method} {redact_url(url)} failed: {error}") from None
+        deadline = time.monotonic() + self.timeout
+        chunks = []
+        try:
+            # read1 returns what has arrived, so the deadline is checked while a slow body
+            # trickles in; each read still waits at most `timeout` for new bytes.
+            while chunk := response.raw.read1(65536):
+                chunks.append(chunk)
+                if time.monotonic() > deadline:
+                    raise ServerError(f"{method} {redact_url(url)} timed out after {self.timeout:g} s")
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise ServerError(f"{method} {redact_url(url)} failed: {error}") from None
+        finally:
+            response.close()
+        response._content = b"".join(chunks)
         if response.status_code >= 400:
             try:
                 answer = response.json()
@@ -1678,8 +1734,11 @@ class ServerClient:
 
     def fetch_tasks(self) -> list[Task]:
         body = self._request("GET", f"/api/v1/agents/{self.agent_id}/tasks")
+        items = body.get("tasks")
+        if not isinstance(items, list):
+            raise ServerError(f"the task list from {redact_url(self.base_url)} has no list of tasks")
         tasks = []
-        for item in body.get("tasks", []):
+        for item in items:
             try:
                 tasks.append(Task.from_json(item))
             except ValueError as error:
@@ -1688,7 +1747,7 @@ class ServerClient:
 
     def complete(self, task_id: str, payload: dict) -> dict:
         body = dict(payload, server_id=self.agent_id)
-        return self._request("POST", f"/api/v1/tasks/{task_id}/complete", body)
+        return self._request("POST", f"/api/v1/tasks/{urllib.parse.quote(task_id, safe='')}/complete", body)
 
 
 class Backoff:
@@ -1754,7 +1813,13 @@ class ReportSender:
         while not stop.is_set():
             self._wakeup.clear()
             self._server_back.clear()
-            if self.send_pending():
+            try:
+                sent = self.send_pending()
+            except Exception:
+                # The reports stay in the outbox, so a later turn sends them.
+                log.exception("sending reports failed inside the agent; retrying")
+                sent = False
+            if sent:
                 self.backoff.reset()
                 self._wakeup.wait(30.0)
             else:
@@ -1932,7 +1997,13 @@ class Agent:
 
     def sync_forever(self) -> None:
         while not self.stop_event.is_set():
-            if self.sync_once():
+            try:
+                synced = self.sync_once()
+            except Exception:
+                # Sync must go on whatever one attempt met (a full disk, a bad answer).
+                log.exception("sync failed inside the agent; retrying")
+                synced = False
+            if synced:
                 self._sync_backoff.reset()
                 delay = self.sync_interval
             else:
@@ -2031,7 +2102,7 @@ class PushHandler(http.server.BaseHTTPRequestHandler):
             return
         try:
             data = json.loads(self.rfile.read(length) or b"null")
-        except ValueError as error:  # also UnicodeDecodeError for bytes that are not UTF-8
+        except (ValueError, RecursionError) as error:  # also UnicodeDecodeError for non-UTF-8
             self._send_json(400, {"error": f"body is not valid JSON: {error}"})
             return
         try:
@@ -2044,6 +2115,8 @@ class PushHandler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - name fixed by the base class
         self._send_json(405, {"error": "use POST /api/v1/tasks/schedule"})
+
+    do_PUT = do_DELETE = do_PATCH = do_HEAD = do_GET  # noqa: N815 - names fixed by the base class
 
 
 def start_push_listener(agent: Agent, host: str, port: int) -> http.server.ThreadingHTTPServer:

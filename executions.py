@@ -79,7 +79,9 @@ def latest_complete_execution(task: Task, now: dt.datetime, agent_timeout: float
                               & (Result.scheduled_for >= page[-1])
                               & (Result.scheduled_for <= page[0]))
                        .order_by(Result.agent_id)):
-            results_by_slot[result.scheduled_for].append(result)
+            # A slot reported after the page was read is not in it; a later request sees it.
+            if result.scheduled_for in results_by_slot:
+                results_by_slot[result.scheduled_for].append(result)
 
         for slot in page:
             results = results_by_slot[slot]

@@ -74,6 +74,10 @@ def read_json_object() -> dict:
         raise api_error(400, "request body is not valid UTF-8") from None
     except json.JSONDecodeError as error:
         raise api_error(400, f"request body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise api_error(400, "request body is nested too deeply") from None
+    except ValueError as error:  # an integer longer than Python's 4,300-digit limit
+        raise api_error(400, f"request body is not valid JSON: {error}") from None
     if not isinstance(data, dict):
         raise api_error(400, "request body must be a JSON object")
     return data
@@ -218,11 +222,17 @@ def read_missed_range(data: dict, status: str,
     return missed_slots, first_missed
 
 
+# A 64-bit signed column holds byte counts up to 2**63 - 1.
+MAX_BYTE_COUNT = 2 ** 62
+
+
 def byte_count(data: dict, field: str, text: str) -> int:
     value = data.get(field)
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    return len(text.encode("utf-8"))
+    if value is None:
+        return len(text.encode("utf-8"))
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_BYTE_COUNT:
+        raise api_error(400, f"{field} must be a whole number of bytes from 0 to {MAX_BYTE_COUNT}", field)
+    return value
 
 
 def optional_base64(data: dict, field: str, max_bytes: int) -> Optional[bytes]:

@@ -350,10 +350,13 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
         }
         now = utc_now()
         with database.atomic():
-            agent = Agent.get_or_none(Agent.id == agent_id)
-            if agent is None:
-                agent = Agent.create(id=agent_id, push_url=push_url, registered_at=now,
+            # Insert-or-ignore, so two first registrations at once cannot both insert.
+            inserted = (Agent.insert(id=agent_id, push_url=push_url, registered_at=now,
                                      last_seen_at=now, **details)
+                        .on_conflict_ignore()
+                        .as_rowcount()
+                        .execute())
+            if inserted:
                 log.info("agent %s registered: host %r, %s, push URL %s",
                          agent_id, details["hostname"], details["platform"], push_url or "none")
                 status = 201
@@ -361,11 +364,15 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
                 Agent.update(push_url=push_url, last_seen_at=now, **details).where(
                     Agent.id == agent_id).execute()
                 status = 200
+            agent = Agent.get(Agent.id == agent_id)
         return json_response({"agent_id": agent_id, "registered_at": time_text(agent.registered_at)},
                              status)
 
     @app.get("/api/v1/agents/<agent_id>/tasks")
     def agent_tasks(agent_id):
+        if not AGENT_ID_PATTERN.fullmatch(agent_id):
+            raise api_error(404, "agent not found: agent ids are 1-64 letters, digits, '.', '_' "
+                                 "or '-'", "agent_id")
         updated = Agent.update(last_seen_at=utc_now()).where(Agent.id == agent_id).execute()
         if not updated:
             raise api_error(404, f"agent {agent_id} is not registered; register with "
@@ -412,6 +419,13 @@ def port_number(value: str) -> int:
     return int(value)
 
 
+def connection_count(value: str) -> int:
+    if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"invalid connection limit {value!r}: expected a number "
+                                         "from 1 to 1000000")
+    return int(value)
+
+
 def thread_count(value: str) -> int:
     if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= 256:
         raise argparse.ArgumentTypeError(f"invalid thread count {value!r}: expected a number from 1 to 256")
@@ -433,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "default: DATA_DIR/taskscheduler.db)")
     parser.add_argument("--threads", type=thread_count, default=16,
                         help="waitress worker threads, 1-256 (default: 16)")
+    parser.add_argument("--connection-limit", type=connection_count, default=1000, metavar="N",
+                        help="open connections at most; each agent keeps one open, so this bounds "
+                             "the number of agents (default: 1000; raise the open-file limit with it)")
     parser.add_argument("--agent-timeout", type=positive_float, default=30.0, metavar="SECONDS",
                         help="an agent not heard from for this long is offline and no longer "
                              "expected to report (default: 30)")
@@ -458,8 +475,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     config = ServerConfig(agent_timeout=args.agent_timeout, report_grace=args.report_grace)
     app = create_app(config)
     try:
+        # Every agent keeps a connection open between syncs, and waitress closes idle ones
+        # only after channel_timeout, so the connection limit bounds the fleet size.
         server = waitress.create_server(app, host=args.host, port=args.port, threads=args.threads,
-                                        max_request_body_size=MAX_BODY_BYTES + 1)
+                                        max_request_body_size=MAX_BODY_BYTES + 1,
+                                        connection_limit=args.connection_limit)
     except OSError as error:
         print(f"server.py: error: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)
         return 2
