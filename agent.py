@@ -777,9 +777,19 @@ class StateStore:
         if "process_group" not in columns:
             # The run's process group id, so that a restarted agent can clean up after a kill.
             self._connection.execute("ALTER TABLE runs ADD COLUMN process_group INTEGER")
+        # A second connection without an fsync per commit, for writes whose loss in a power
+        # cut costs only a repeat: a start record (the slot may run again after the reboot)
+        # and a report's acknowledgement (the server drops the repeated report).
+        self._fast = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._fast.execute("PRAGMA synchronous=NORMAL")
+        self._fast.execute("PRAGMA busy_timeout=5000")
+        # The newest handled slot and the known_since of each task, read on every firing.
+        self._last_slots: dict[str, Optional[dt.datetime]] = {}
+        self._known_since: dict[str, Optional[dt.datetime]] = {}
 
     def close(self) -> None:
         with self._lock:
+            self._fast.close()
             self._connection.close()
 
     def get_meta(self, key: str) -> Optional[str]:
@@ -808,14 +818,19 @@ class StateStore:
 
     def known_since(self, task_id: str) -> Optional[dt.datetime]:
         with self._lock:
+            if task_id in self._known_since:
+                return self._known_since[task_id]
             row = self._connection.execute(
                 "SELECT known_since FROM tasks WHERE task_id = ?", (task_id,)
             ).fetchone()
-        return parse_time(row[0]) if row and row[0] else None
+            value = parse_time(row[0]) if row and row[0] else None
+            self._known_since[task_id] = value
+        return value
 
     def limit_known_since(self, task_id: str, now: dt.datetime) -> None:
         """Move a task's known_since back to `now` if it lies later."""
         with self._lock:
+            self._known_since.pop(task_id, None)
             self._connection.execute(
                 "UPDATE tasks SET known_since = ? WHERE task_id = ? AND known_since > ?",
                 (_slot_key(now), task_id, _slot_key(now)),
@@ -826,6 +841,7 @@ class StateStore:
         body = _task_body(task)
         known_since = _slot_key(now or dt.datetime.now(UTC))
         with self._lock, self._connection:
+            self._known_since.pop(task.task_id, None)
             row = self._connection.execute(
                 "SELECT body FROM tasks WHERE task_id = ?", (task.task_id,)
             ).fetchone()
@@ -846,6 +862,7 @@ class StateStore:
             current = dict(self._connection.execute("SELECT task_id, body FROM tasks").fetchall())
             if current == wanted:
                 return False
+            self._known_since.clear()
             removed = [(task_id,) for task_id in current if task_id not in wanted]
             self._connection.executemany("DELETE FROM tasks WHERE task_id = ?", removed)
             changed = [(task_id, body, known_since) for task_id, body in wanted.items()
@@ -856,20 +873,45 @@ class StateStore:
         return True
 
     def last_slot(self, task_id: str) -> Optional[dt.datetime]:
-        """Return the newest slot this agent ran, skipped or reported missed for the task."""
+        """Return the newest slot this agent ran, claimed, skipped or reported missed for the task."""
         with self._lock:
+            return self._last_slot_locked(task_id)
+
+    def _last_slot_locked(self, task_id: str) -> Optional[dt.datetime]:
+        if task_id not in self._last_slots:
             row = self._connection.execute(
                 "SELECT MAX(scheduled_for) FROM runs WHERE task_id = ?", (task_id,)
             ).fetchone()
-        return parse_time(row[0]) if row and row[0] else None
+            self._last_slots[task_id] = parse_time(row[0]) if row and row[0] else None
+        return self._last_slots[task_id]
+
+    def _note_slot_locked(self, task_id: str, slot: dt.datetime) -> None:
+        last = self._last_slot_locked(task_id)
+        if last is None or slot > last:
+            self._last_slots[task_id] = slot
+
+    def claim_slot(self, task_id: str, slot: dt.datetime) -> bool:
+        """Mark a slot as handled in memory; return False if it or a later one already was.
+
+        The loop thread claims a slot before a worker records its start on disk, so the
+        next planning already sees it.
+        """
+        with self._lock:
+            last = self._last_slot_locked(task_id)
+            if last is not None and slot <= last:
+                return False
+            self._last_slots[task_id] = slot
+        return True
 
     def record_start(self, task_id: str, slot: dt.datetime) -> bool:
-        """Record that the run of `slot` starts; return False if that slot was already handled."""
+        """Record that the run of `slot` starts; return False if that slot was already recorded."""
         with self._lock:
-            cursor = self._connection.execute(
+            cursor = self._fast.execute(
                 "INSERT OR IGNORE INTO runs (task_id, scheduled_for, status) VALUES (?, ?, 'running')",
                 (task_id, _slot_key(slot)),
             )
+            if cursor.rowcount == 1:
+                self._note_slot_locked(task_id, slot)
         return cursor.rowcount == 1
 
     def record_outcome(self, result: RunResult) -> bool:
@@ -880,6 +922,8 @@ class StateStore:
                 (result.task_id, _slot_key(result.scheduled_for), result.status,
                  json.dumps(_result_payload(result))),
             )
+            if cursor.rowcount == 1:
+                self._note_slot_locked(result.task_id, result.scheduled_for)
         if cursor.rowcount == 1:
             self._enforce_outbox_size()
         return cursor.rowcount == 1
@@ -980,7 +1024,7 @@ class StateStore:
 
     def mark_reported(self, task_id: str, slot_key: str) -> None:
         with self._lock:
-            self._connection.execute(
+            self._fast.execute(
                 "UPDATE runs SET reported = 1, body = NULL WHERE task_id = ? AND scheduled_for = ?",
                 (task_id, slot_key),
             )
@@ -1224,9 +1268,9 @@ class TaskScheduler:
             after = handled
         slot = task.parsed_frequency().next_after(after)
         start = slot + dt.timedelta(seconds=jitter_offset(self.agent_id, task, slot))
-        # schedule computes its due time from its own clock reading, so hand it the
-        # remaining delay. A delay of zero would make schedule loop forever.
-        delay = max((start - now).total_seconds(), 0.001)
+        # schedule computes its due time from its own clock reading, so hand it the delay
+        # from a clock reading taken just now. A delay of zero would make schedule loop forever.
+        delay = max((start - self.clock.now()).total_seconds(), 0.001)
         job = self._scheduler.every(delay).seconds.do(self._fire, task.task_id, slot)
         self._planned[task.task_id] = PlannedTask(task, slot, job)
         return slot
@@ -1657,6 +1701,8 @@ class ServerClient:
         urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
         self.base_urls = [url.rstrip("/") for url in urls]
         self._current = 0
+        self._last_body_digest: Optional[bytes] = None
+        self._task_list_digest: Optional[bytes] = None
         self.agent_id = agent_id
         self.timeout = timeout
         self.session = requests.Session()
@@ -1706,6 +1752,7 @@ class ServerClient:
         finally:
             response.close()
         response._content = b"".join(chunks)
+        self._last_body_digest = hashlib.sha256(response._content).digest()
         if response.status_code >= 400:
             try:
                 answer = response.json()
@@ -1732,8 +1779,17 @@ class ServerClient:
             "push_url": push_url,
         }, **(outbox or {})))
 
-    def fetch_tasks(self) -> list[Task]:
+    def fetch_tasks(self, only_if_changed: bool = False) -> Optional[list[Task]]:
+        """Fetch the agent's task list.
+
+        With `only_if_changed`, return None when the answer is byte for byte the one of the
+        previous call, so an unchanged list of thousands of tasks costs no parsing.
+        """
         body = self._request("GET", f"/api/v1/agents/{self.agent_id}/tasks")
+        digest = self._last_body_digest
+        if only_if_changed and digest is not None and digest == self._task_list_digest:
+            return None
+        self._task_list_digest = digest
         items = body.get("tasks")
         if not isinstance(items, list):
             raise ServerError(f"the task list from {redact_url(self.base_url)} has no list of tasks")
@@ -1744,6 +1800,10 @@ class ServerClient:
             except ValueError as error:
                 log.error("server sent a task that is not valid, skipped: %s", error)
         return tasks
+
+    def forget_task_list(self) -> None:
+        """Make the next fetch_tasks(only_if_changed=True) parse the list even if unchanged."""
+        self._task_list_digest = None
 
     def complete(self, task_id: str, payload: dict) -> dict:
         body = dict(payload, server_id=self.agent_id)
@@ -1900,7 +1960,7 @@ class Agent:
         if busy and self.when_busy == "skip":
             self._record_skipped(task, slot, f"the agent was busy with {self.max_concurrent_runs} runs")
             return
-        if not self.store.record_start(task.task_id, slot):
+        if not self.store.claim_slot(task.task_id, slot):
             log.info("task %s slot %s already ran, not repeated", task.task_id, format_time(slot))
             return
         if going and task.overlap == "replace":
@@ -1945,6 +2005,11 @@ class Agent:
     def _run(self, handle: RunHandle, late: bool) -> None:
         task, slot = handle.task, handle.slot
         try:
+            # Recorded here rather than on the loop thread, so its disk write never delays
+            # the loop; the loop already claimed the slot in memory.
+            if not self.store.record_start(task.task_id, slot):
+                log.info("task %s slot %s already ran, not repeated", task.task_id, format_time(slot))
+                return
             result = self.runner.run(task, slot, handle)
             result.late = late
             duration = (result.finished_at - result.started_at).total_seconds() if result.started_at else 0.0
@@ -1974,6 +2039,9 @@ class Agent:
         if outcome != "unchanged":
             log.info("task %s %s by push", task.task_id, outcome)
             self.scheduler.request_reconcile(self.store.tasks())
+            # The next sync must apply the server's list even if it did not change, so a
+            # pushed task the server does not list is dropped again.
+            self.client.forget_task_list()
         return outcome
 
     def sync_once(self) -> bool:
@@ -1983,15 +2051,16 @@ class Agent:
             if not self._registered:
                 log.info("registered with %s as agent %s", redact_url(self.client.base_url), self.agent_id)
                 self._registered = True
-            tasks = self.client.fetch_tasks()
+            tasks = self.client.fetch_tasks(only_if_changed=True)
         except ServerError as error:
             log.warning("sync with %s failed, running the stored task list: %s",
                         redact_url(self.client.base_url), error)
             return False
-        changed = self.store.replace_tasks(tasks)
+        if tasks is not None:
+            changed = self.store.replace_tasks(tasks)
+            log.debug("sync: %d tasks, changed: %s", len(tasks), changed)
+            self.scheduler.request_reconcile(tasks)
         self.store.prune_runs()
-        log.debug("sync: %d tasks, changed: %s", len(tasks), changed)
-        self.scheduler.request_reconcile(tasks)
         self.sender.server_reachable()
         return True
 
@@ -2033,11 +2102,16 @@ class Agent:
             log.warning("task %s slot %s was still running when the agent last stopped: reported "
                         "as lost, %d leftover processes killed", task_id, format_time(slot), killed)
         self.scheduler.request_reconcile(stored)
-        self.start_background_threads()
+        threads = self.start_background_threads()
         self.scheduler.run_forever(self.stop_event)
         log.info("agent %s stopping; waiting for running commands", self.agent_id)
         self._skip_queued_runs()
         self.pool.shutdown(wait=True)
+        # The sync and report threads use the store, so they end before it closes. Each
+        # finishes its current request, which the client's timeout bounds.
+        self.sender.notify()
+        for thread in threads:
+            thread.join(self.client.timeout * 2 + 5)
         self.sender.send_pending()
         self.store.close()
         log.info("agent %s stopped", self.agent_id)
