@@ -329,7 +329,7 @@ class CronFrequency(Frequency):
                 return candidates[0]
 
         # Near a transition a tick before the local time can map to an instant after it,
-        # and ticks stop being in UTC order; so walk from a little earlier and keep the
+        # and ticks stop being in UTC order. So walk from a little earlier, and keep the
         # earliest instant after `instant` until the ticks are past any transition.
         ticks = self._ticks(local - MAX_OFFSET_CHANGE)
         best: Optional[dt.datetime] = None
@@ -747,8 +747,8 @@ class StateStore:
         # were never this agent's to run, so they never count as missed.
         "CREATE TABLE IF NOT EXISTS tasks ("
         " task_id TEXT PRIMARY KEY, body TEXT NOT NULL, known_since TEXT)",
-        # One row per slot the agent dealt with: written with status 'running' before the
-        # command starts, or as skipped or missed, so a restarted agent knows which slots
+        # One row per slot the agent handled: written with status 'running' before the
+        # command starts, or as skipped or missed, so a restarted agent can tell which slots
         # it already handled. Unreported rows are the outbox.
         "CREATE TABLE IF NOT EXISTS runs ("
         " task_id TEXT NOT NULL, scheduled_for TEXT NOT NULL, status TEXT NOT NULL,"
@@ -778,8 +778,8 @@ class StateStore:
             # The run's process group id, so that a restarted agent can clean up after a kill.
             self._connection.execute("ALTER TABLE runs ADD COLUMN process_group INTEGER")
         # A second connection without an fsync per commit, for writes whose loss in a power
-        # cut costs only a repeat: a start record (the slot may run again after the reboot)
-        # and a report's acknowledgement (the server drops the repeated report).
+        # cut costs only a repeat. Losing a start record lets the slot run again after the
+        # reboot, and losing a report's acknowledgement resends a report the server drops.
         self._fast = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._fast.execute("PRAGMA synchronous=NORMAL")
         self._fast.execute("PRAGMA busy_timeout=5000")
@@ -894,7 +894,7 @@ class StateStore:
         """Mark a slot as handled in memory; return False if it or a later one already was.
 
         The loop thread claims a slot before a worker records its start on disk, so the
-        next planning already sees it.
+        next planning already counts it as handled.
         """
         with self._lock:
             last = self._last_slot_locked(task_id)
@@ -1124,8 +1124,8 @@ class TaskScheduler:
 
     `schedule`'s own intervals count from the end of the previous run and drift, so
     the next slot is computed here from the task's frequency, and handed to `schedule`
-    as a job that fires once. `schedule` is not thread-safe: only the loop thread
-    (`run_forever`, or whoever calls `run_pending`) touches it. Other threads hand it
+    as a job that fires once. `schedule` is not thread-safe, so only the loop thread
+    (the thread in `run_forever` or `run_pending`) touches it. Other threads hand it
     a new task list through `request_reconcile`.
 
     Every slot is handled once, also across restarts, because the state store keeps
@@ -1387,7 +1387,7 @@ class BoundedOutput:
         head, tail = bytes(self.head), bytes(self.tail)
         if self.truncated:
             # The cut may split a character at the end of the head or the start of the
-            # tail; that alone loses nothing of the bytes kept.
+            # tail. That alone loses none of the bytes kept.
             skipped = 0
             while skipped < 3 and skipped < len(tail) and 0x80 <= tail[skipped] < 0xC0:
                 skipped += 1
@@ -1437,7 +1437,7 @@ class Runner:
     """
 
     # How long to keep reading output after the shell exits. A background child that
-    # still holds the pipe open does not delay the report beyond this.
+    # keeps the pipe open does not delay the report beyond this.
     PIPE_GRACE_SECONDS = 2.0
     KILL_GRACE_SECONDS = 5.0
     MAX_TIMEOUT_SECONDS = 3600.0
@@ -1454,8 +1454,8 @@ class Runner:
         """Return the run's time limit in seconds from its start.
 
         It is the task's timeout, or by default the time until the task's next slot (at
-        least 1 s, at most 1 hour), so that a run that hangs ends when the next one is due
-        instead of making it skip.
+        least 1 s, at most 1 hour). So by default a run that hangs ends when the next one
+        is due, instead of making it skip.
         """
         if task.timeout is not None:
             return float(task.timeout)
@@ -1644,7 +1644,7 @@ def _group_alive(group: int) -> bool:
     """Return whether a process group has a member that is not a zombie.
 
     A killed child whose shell is gone becomes a zombie until init reaps it, which
-    some init processes do only every second or so; it counts as dead here.
+    some init processes do only every second or so. Such a zombie counts as dead here.
     """
     try:
         os.killpg(group, 0)
@@ -1683,7 +1683,7 @@ def _group_states(group: int) -> Optional[list[str]]:
 
 
 class ServerError(Exception):
-    """The server could not be reached, or answered with an error."""
+    """The server could not be reached, or returned an error."""
 
     def __init__(self, message: str, status: Optional[int] = None):
         super().__init__(message)
@@ -1694,7 +1694,7 @@ class ServerClient:
     """The agent's calls to the server's REST API.
 
     With several server URLs, a request that cannot connect, times out or gets a 5xx
-    answer moves on to the next URL, and the client stays with the first one that works.
+    response moves on to the next URL, and the client stays with the first one that works.
     """
 
     def __init__(self, base_urls: "str | list[str]", agent_id: str, timeout: float = 10.0):
@@ -1732,8 +1732,8 @@ class ServerClient:
 
     def _request_one(self, base_url: str, method: str, path: str, body: Optional[dict]) -> dict:
         url = base_url + path
-        # requests' timeout bounds each socket read, not the whole answer, so a server that
-        # trickles its body is cut off here after `timeout` seconds in all.
+        # requests' timeout bounds each socket read, not the whole response, so a server
+        # that trickles its body is cut off here after `timeout` seconds in all.
         try:
             response = self.session.request(method, url, json=body, timeout=self.timeout, stream=True)
         except requests.RequestException as error:
@@ -1742,7 +1742,7 @@ class ServerClient:
         chunks = []
         try:
             # read1 returns what has arrived, so the deadline is checked while a slow body
-            # trickles in; each read still waits at most `timeout` for new bytes.
+            # trickles in. Each read still waits at most `timeout` for new bytes.
             while chunk := response.raw.read1(65536):
                 chunks.append(chunk)
                 if time.monotonic() > deadline:

@@ -6,7 +6,7 @@ complete when every expected agent has reported it, or when its deadline has pas
 - expected agents: agents that registered no later than the slot and that the server
   has heard from within the agent timeout (they are online now);
 - deadline: the slot plus the task's period (the time to its next slot) plus the report
-  grace, so an agent that went silent holds an execution back for at most that long.
+  grace, so an agent that went silent delays an execution for at most that long.
 
 An execution that no agent reported is never complete, because it has no output.
 """
@@ -79,7 +79,7 @@ def latest_complete_execution(task: Task, now: dt.datetime, agent_timeout: float
                               & (Result.scheduled_for >= page[-1])
                               & (Result.scheduled_for <= page[0]))
                        .order_by(Result.agent_id)):
-            # A slot reported after the page was read is not in it; a later request sees it.
+            # A slot reported after the page was read is not in it. A later request finds it.
             if result.scheduled_for in results_by_slot:
                 results_by_slot[result.scheduled_for].append(result)
 

@@ -222,7 +222,7 @@ def read_missed_range(data: dict, status: str,
     return missed_slots, first_missed
 
 
-# A 64-bit signed column holds byte counts up to 2**63 - 1.
+# A 64-bit signed column stores byte counts up to 2**63 - 1.
 MAX_BYTE_COUNT = 2 ** 62
 
 
@@ -243,7 +243,7 @@ def optional_base64(data: dict, field: str, max_bytes: int) -> Optional[bytes]:
     if not isinstance(value, str):
         raise api_error(400, f"{field} must be a base64 string", field)
     if len(value) > (max_bytes + 2) // 3 * 4:
-        raise api_error(413, f"{field} holds more than {max_bytes} bytes", field)
+        raise api_error(413, f"{field} is longer than {max_bytes} bytes", field)
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):

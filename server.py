@@ -212,7 +212,7 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
 
     @app.route("/api/v1/tasks/create", method=["GET", "PUT", "PATCH", "DELETE"])
     def create_task_wrong_method():
-        # Without this route, GET would match /api/v1/tasks/<task_id> and answer 404.
+        # Without this route, GET would match /api/v1/tasks/<task_id> and return 404.
         response = api_error(405, f"method {bottle.request.method} is not allowed on "
                                   "/api/v1/tasks/create; allowed: POST")
         response.set_header("Allow", "POST")
