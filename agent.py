@@ -1834,6 +1834,8 @@ class ReportSender:
     good (4xx other than 408 and 429, for example a task that was deleted).
     """
 
+    BATCH_DELAY_SECONDS = 0.5
+
     def __init__(self, store: StateStore, client: ServerClient):
         self.store = store
         self.client = client
@@ -1881,7 +1883,10 @@ class ReportSender:
                 sent = False
             if sent:
                 self.backoff.reset()
-                self._wakeup.wait(30.0)
+                if self._wakeup.wait(30.0):
+                    # Reports wait a moment, so a burst of slots starting together is not
+                    # slowed by their sending, and they go out in one batch.
+                    stop.wait(self.BATCH_DELAY_SECONDS)
             else:
                 # New results do not end this wait, or an outage would retry at their pace.
                 self._server_back.wait(self.backoff.next_delay())
