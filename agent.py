@@ -1597,21 +1597,34 @@ def kill_process_tree(process: subprocess.Popen, grace: float) -> Optional[int]:
     return process.wait()
 
 
-def kill_orphaned_run(process_group: int, task_id: str, slot: dt.datetime) -> int:
+def kill_orphaned_run(process_group: int, task_id: str, slot: dt.datetime,
+                      use_proc: Optional[bool] = None) -> int:
     """Kill what is left of a run whose agent died, and return how many processes were killed.
 
     A process group id can be reused after its processes are gone, so only processes
-    of that group whose environment names this run's task and slot are killed. This
-    reads /proc and so works on Linux only; elsewhere it kills nothing.
+    of that group whose environment names this run's task and slot are killed. Linux
+    hosts read /proc; other POSIX hosts (macOS, the BSDs) read `ps -E`, which shows each
+    process's environment to its own user and to root.
     """
-    marker_task = f"TASKSCHEDULER_TASK_ID={task_id}".encode()
-    marker_slot = f"TASKSCHEDULER_SCHEDULED_FOR={format_time(slot)}".encode()
+    markers = (f"TASKSCHEDULER_TASK_ID={task_id}", f"TASKSCHEDULER_SCHEDULED_FOR={format_time(slot)}")
+    if use_proc is None:
+        use_proc = os.path.isdir("/proc/self")
+    candidates = _group_environments_proc(process_group) if use_proc else _group_environments_ps(process_group)
     killed = 0
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return 0  # NOTE: no /proc (macOS): orphans of a killed agent are left running.
-    for entry in entries:
+    for pid, environment in candidates:
+        if all(marker in environment for marker in markers):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except (ProcessLookupError, PermissionError):
+                pass
+    return killed
+
+
+def _group_environments_proc(process_group: int) -> list[tuple[int, list[str]]]:
+    """Return (pid, environment entries) of a process group's members, from /proc."""
+    members = []
+    for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
@@ -1621,16 +1634,36 @@ def kill_orphaned_run(process_group: int, task_id: str, slot: dt.datetime) -> in
             if int(fields[2]) != process_group:
                 continue
             with open(f"/proc/{entry}/environ", "rb") as environ_file:
-                environment = environ_file.read().split(b"\0")
+                environment = environ_file.read().decode("utf-8", "replace").split("\0")
         except (OSError, IndexError, ValueError):
             continue
-        if marker_task in environment and marker_slot in environment:
+        members.append((int(entry), environment))
+    return members
+
+
+def _group_environments_ps(process_group: int) -> list[tuple[int, list[str]]]:
+    """Return (pid, command line and environment words) of a process group's members, from ps."""
+    try:
+        listing = subprocess.run(["ps", "-A", "-o", "pid=,pgid="], capture_output=True,
+                                 text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    members = []
+    for line in listing.splitlines():
+        parts = line.split()
+        if len(parts) != 2 or not parts[0].isdigit() or parts[1] != str(process_group):
+            continue
+        # BSD and macOS ps take -E for the environment; procps (Linux) takes the e modifier.
+        for command in (["ps", "-E", "-ww", "-o", "command=", "-p", parts[0]],
+                        ["ps", "eww", "-o", "command=", "-p", parts[0]]):
             try:
-                os.kill(int(entry), signal.SIGKILL)
-                killed += 1
-            except (ProcessLookupError, PermissionError):
-                pass
-    return killed
+                shown = subprocess.run(command, capture_output=True, text=True, timeout=10)
+            except (OSError, subprocess.SubprocessError):
+                continue
+            if shown.returncode == 0 and "TASKSCHEDULER_" in shown.stdout:
+                members.append((int(parts[0]), shown.stdout.split()))
+                break
+    return members
 
 
 def _signal_group(group: int, sig: int) -> None:

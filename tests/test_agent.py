@@ -798,3 +798,23 @@ def test_state_dir_lock_released_on_close(tmp_path):
 
 def agent_dir() -> str:
     return os.path.dirname(os.path.abspath(agent.__file__))
+
+
+@pytest.mark.parametrize("use_proc", [True, False], ids=["proc", "ps"])
+def test_orphaned_run_killed(tmp_path, use_proc):
+    slot = utc(2026, 1, 2, 3, 4)
+    environment = dict(os.environ, TASKSCHEDULER_TASK_ID="orphan-task",
+                       TASKSCHEDULER_SCHEDULED_FOR=agent.format_time(slot))
+    leftover = subprocess.Popen(["sleep", "60"], env=environment, start_new_session=True)
+    bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        killed = agent.kill_orphaned_run(leftover.pid, "orphan-task", slot, use_proc=use_proc)
+        untouched = agent.kill_orphaned_run(bystander.pid, "orphan-task", slot, use_proc=use_proc)
+        leftover_code = leftover.wait(timeout=5)
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+    assert killed == 1
+    assert leftover_code == -signal.SIGKILL
+    assert untouched == 0
