@@ -979,8 +979,9 @@ class StateStore:
         return {"outbox_depth": depth, "outbox_dropped": dropped}
 
     def record_process_group(self, task_id: str, slot: dt.datetime, process_group: int) -> None:
+        # Without an fsync, like the start record it completes.
         with self._lock:
-            self._connection.execute(
+            self._fast.execute(
                 "UPDATE runs SET process_group = ? WHERE task_id = ? AND scheduled_for = ?",
                 (process_group, task_id, _slot_key(slot)),
             )
