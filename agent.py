@@ -743,7 +743,7 @@ class StateStore:
 
     SCHEMA = (
         "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-        # known_since: when this agent got the task (or its last change); slots before it
+        # known_since: when this agent got the task or its last change. Slots before it
         # were never this agent's to run, so they never count as missed.
         "CREATE TABLE IF NOT EXISTS tasks ("
         " task_id TEXT PRIMARY KEY, body TEXT NOT NULL, known_since TEXT)",
@@ -1735,7 +1735,9 @@ class ServerClient:
         urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
         self.base_urls = [url.rstrip("/") for url in urls]
         self._current = 0
-        self._last_body_digest: Optional[bytes] = None
+        # The digest of each thread's last response body: the sync and report threads
+        # share this client.
+        self._response = threading.local()
         self._task_list_digest: Optional[bytes] = None
         self.agent_id = agent_id
         self.timeout = timeout
@@ -1766,12 +1768,13 @@ class ServerClient:
 
     def _request_one(self, base_url: str, method: str, path: str, body: Optional[dict]) -> dict:
         url = base_url + path
-        # requests' timeout bounds each socket read, not the whole response, so a server
-        # that trickles its body is cut off here after `timeout` seconds in all.
         try:
             response = self.session.request(method, url, json=body, timeout=self.timeout, stream=True)
         except requests.RequestException as error:
             raise ServerError(f"{method} {redact_url(url)} failed: {error}") from None
+
+        # requests' timeout bounds each socket read, not the whole response, so a server
+        # that trickles its body is cut off here after `timeout` seconds in all.
         deadline = time.monotonic() + self.timeout
         chunks = []
         try:
@@ -1786,7 +1789,8 @@ class ServerClient:
         finally:
             response.close()
         response._content = b"".join(chunks)
-        self._last_body_digest = hashlib.sha256(response._content).digest()
+        self._response.digest = hashlib.sha256(response._content).digest()
+
         if response.status_code >= 400:
             try:
                 answer = response.json()
@@ -1797,6 +1801,7 @@ class ServerClient:
                 f"{method} {redact_url(url)} returned {response.status_code}: {message}",
                 status=response.status_code,
             )
+
         try:
             answer = response.json()
         except ValueError:
@@ -1816,11 +1821,11 @@ class ServerClient:
     def fetch_tasks(self, only_if_changed: bool = False) -> Optional[list[Task]]:
         """Fetch the agent's task list.
 
-        With `only_if_changed`, return None when the answer is byte for byte the one of the
-        previous call, so an unchanged list of thousands of tasks costs no parsing.
+        With `only_if_changed`, return None when the response body is byte for byte the one
+        of the previous call, so an unchanged list of thousands of tasks is not parsed again.
         """
         body = self._request("GET", f"/api/v1/agents/{self.agent_id}/tasks")
-        digest = self._last_body_digest
+        digest = getattr(self._response, "digest", None)
         if only_if_changed and digest is not None and digest == self._task_list_digest:
             return None
         self._task_list_digest = digest
@@ -1985,7 +1990,8 @@ class Agent:
     def start_run(self, task: Task, slot: dt.datetime, late: bool = False) -> None:
         """Start a due slot in a worker thread, or record why it is skipped.
 
-        Called on the loop thread, so it never waits for a command.
+        Called on the loop thread. It hands the command to the worker pool and does not
+        wait for it.
         """
         with self._running_lock:
             # A run whose shell exited (its output may still be read) or whose time limit
@@ -2108,7 +2114,7 @@ class Agent:
             try:
                 synced = self.sync_once()
             except Exception:
-                # Sync must go on whatever one attempt met (a full disk, a bad answer).
+                # Sync goes on after any failure of one attempt (a full disk, a bad response).
                 log.exception("sync failed inside the agent; retrying")
                 synced = False
             if synced:

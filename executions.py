@@ -1,4 +1,4 @@
-"""Which execution of a task is the latest complete one.
+"""The latest complete execution of a task.
 
 An execution is one slot of a task (`scheduled_for`), run by every agent. It is
 complete when every expected agent has reported it, or when its deadline has passed:

@@ -132,7 +132,7 @@ def next_fire_times(task: Task, now: dt.datetime, count: int = 5) -> dict[str, l
 
 def read_task_options(data: dict) -> dict:
     """Return the validated task options of a create request, or raise a 400 error response."""
-    # The longest zone name in tzdata 2026 has 32 characters, and the column is 64 wide.
+    # The maximum zone name length in tzdata 2026 is 32 characters, and the column is 64 wide.
     timezone = data.get("timezone")
     if isinstance(timezone, str) and len(timezone) > MAX_TIMEZONE_LENGTH:
         raise api_error(400, f"timezone is longer than {MAX_TIMEZONE_LENGTH} characters; "

@@ -1,6 +1,6 @@
 """Shared fixtures: a fresh database per test (SQLite file or a PostgreSQL schema) and the app.
 
-PostgreSQL tests run when TASKSCHEDULER_TEST_POSTGRES holds a database URL (the Makefile
+PostgreSQL tests run when TASKSCHEDULER_TEST_POSTGRES contains a database URL (the Makefile
 sets postgresql://postgres@127.0.0.1:5432/test). Each test session works in its own
 schema of that database, so parallel runs do not see each other's tables.
 """

@@ -135,7 +135,7 @@ def wait_for_runs(cluster: Cluster, agent, count: int, timeout: float) -> list[s
 
 
 def wait_for_outbox(cluster: Cluster, agent, minimum: int, timeout: float) -> int:
-    """Wait until the agent's outbox holds at least `minimum` unsent results, and return its depth."""
+    """Wait until the agent's outbox contains at least `minimum` unsent results, and return its depth."""
     def depth() -> int:
         current = outbox_depth(agent.state_dir)
         return current if current >= minimum else 0

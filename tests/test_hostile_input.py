@@ -1,4 +1,4 @@
-"""Hostile and broken input: bodies and answers that once crashed a thread or gave a 500."""
+"""Hostile and broken input: request bodies and server responses that once crashed a thread or gave a 500."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def test_task_rejects_path_characters_in_id():
 
 
 class FakeServer:
-    """An HTTP server on 127.0.0.1 whose answers a test scripts, counting the task-list fetches."""
+    """An HTTP server on 127.0.0.1 that returns responses a test scripts, and counts task-list fetches."""
 
     def __init__(self, task_list_answers: list[bytes], trickle_seconds: float = 0.0):
         self.answers = list(task_list_answers)
