@@ -31,6 +31,7 @@ import platform
 import queue
 import random
 import re
+import selectors
 import signal
 import socket
 import sqlite3
@@ -784,6 +785,9 @@ class StateStore:
         self._fast.execute("PRAGMA synchronous=NORMAL")
         self._fast.execute("PRAGMA busy_timeout=5000")
         # The newest handled slot and the known_since of each task, read on every firing.
+        # They have a lock of their own, so the loop thread reads them without waiting for
+        # a worker's fsync. A thread that holds both takes `_lock` first.
+        self._cache_lock = threading.Lock()
         self._last_slots: dict[str, Optional[dt.datetime]] = {}
         self._known_since: dict[str, Optional[dt.datetime]] = {}
 
@@ -817,20 +821,23 @@ class StateStore:
         return tasks
 
     def known_since(self, task_id: str) -> Optional[dt.datetime]:
-        with self._lock:
+        with self._cache_lock:
             if task_id in self._known_since:
                 return self._known_since[task_id]
+        with self._lock:
             row = self._connection.execute(
                 "SELECT known_since FROM tasks WHERE task_id = ?", (task_id,)
             ).fetchone()
             value = parse_time(row[0]) if row and row[0] else None
-            self._known_since[task_id] = value
+            with self._cache_lock:
+                self._known_since[task_id] = value
         return value
 
     def limit_known_since(self, task_id: str, now: dt.datetime) -> None:
         """Move a task's known_since back to `now` if it lies later."""
         with self._lock:
-            self._known_since.pop(task_id, None)
+            with self._cache_lock:
+                self._known_since.pop(task_id, None)
             self._connection.execute(
                 "UPDATE tasks SET known_since = ? WHERE task_id = ? AND known_since > ?",
                 (_slot_key(now), task_id, _slot_key(now)),
@@ -841,7 +848,8 @@ class StateStore:
         body = _task_body(task)
         known_since = _slot_key(now or dt.datetime.now(UTC))
         with self._lock, self._connection:
-            self._known_since.pop(task.task_id, None)
+            with self._cache_lock:
+                self._known_since.pop(task.task_id, None)
             row = self._connection.execute(
                 "SELECT body FROM tasks WHERE task_id = ?", (task.task_id,)
             ).fetchone()
@@ -862,7 +870,8 @@ class StateStore:
             current = dict(self._connection.execute("SELECT task_id, body FROM tasks").fetchall())
             if current == wanted:
                 return False
-            self._known_since.clear()
+            with self._cache_lock:
+                self._known_since.clear()
             removed = [(task_id,) for task_id in current if task_id not in wanted]
             self._connection.executemany("DELETE FROM tasks WHERE task_id = ?", removed)
             changed = [(task_id, body, known_since) for task_id, body in wanted.items()
@@ -874,21 +883,34 @@ class StateStore:
 
     def last_slot(self, task_id: str) -> Optional[dt.datetime]:
         """Return the newest slot this agent ran, claimed, skipped or reported missed for the task."""
+        with self._cache_lock:
+            if task_id in self._last_slots:
+                return self._last_slots[task_id]
         with self._lock:
             return self._last_slot_locked(task_id)
 
     def _last_slot_locked(self, task_id: str) -> Optional[dt.datetime]:
-        if task_id not in self._last_slots:
-            row = self._connection.execute(
-                "SELECT MAX(scheduled_for) FROM runs WHERE task_id = ?", (task_id,)
-            ).fetchone()
-            self._last_slots[task_id] = parse_time(row[0]) if row and row[0] else None
-        return self._last_slots[task_id]
+        """Return the newest handled slot, reading the runs table on a cache miss.
+
+        The caller has `_lock`, so no write of a run row falls between the read and
+        the cache update.
+        """
+        with self._cache_lock:
+            if task_id in self._last_slots:
+                return self._last_slots[task_id]
+        row = self._connection.execute(
+            "SELECT MAX(scheduled_for) FROM runs WHERE task_id = ?", (task_id,)
+        ).fetchone()
+        value = parse_time(row[0]) if row and row[0] else None
+        with self._cache_lock:
+            return self._last_slots.setdefault(task_id, value)
 
     def _note_slot_locked(self, task_id: str, slot: dt.datetime) -> None:
-        last = self._last_slot_locked(task_id)
-        if last is None or slot > last:
-            self._last_slots[task_id] = slot
+        self._last_slot_locked(task_id)
+        with self._cache_lock:
+            last = self._last_slots[task_id]
+            if last is None or slot > last:
+                self._last_slots[task_id] = slot
 
     def claim_slot(self, task_id: str, slot: dt.datetime) -> bool:
         """Mark a slot as handled in memory; return False if it or a later one already was.
@@ -896,8 +918,9 @@ class StateStore:
         The loop thread claims a slot before a worker records its start on disk, so the
         next planning already counts it as handled.
         """
-        with self._lock:
-            last = self._last_slot_locked(task_id)
+        self.last_slot(task_id)
+        with self._cache_lock:
+            last = self._last_slots.get(task_id)
             if last is not None and slot <= last:
                 return False
             self._last_slots[task_id] = slot
@@ -929,11 +952,16 @@ class StateStore:
         return cursor.rowcount == 1
 
     def record_finish(self, result: RunResult) -> None:
-        body = json.dumps(_result_payload(result))
-        with self._lock:
-            self._connection.execute(
-                "UPDATE runs SET status = ?, body = ? WHERE task_id = ? AND scheduled_for = ?",
-                (result.status, body, result.task_id, _slot_key(result.scheduled_for)),
+        self.record_finishes([result])
+
+    def record_finishes(self, results: list[RunResult]) -> None:
+        """Store finished runs in one transaction, so a burst of them costs one fsync."""
+        rows = [(result.status, json.dumps(_result_payload(result)), result.task_id,
+                 _slot_key(result.scheduled_for)) for result in results]
+        with self._lock, self._connection:
+            self._connection.execute("BEGIN")
+            self._connection.executemany(
+                "UPDATE runs SET status = ?, body = ? WHERE task_id = ? AND scheduled_for = ?", rows
             )
         self._enforce_outbox_size()
 
@@ -1162,6 +1190,8 @@ class TaskScheduler:
         self._clock_reading: Optional[tuple[dt.datetime, float, Optional[dt.timedelta]]] = None
         # When each task was first planned, for tasks the store has no known_since for.
         self._first_planned: dict[str, dt.datetime] = {}
+        # Tasks fired in this turn of the loop, to plan once all of them have started.
+        self._fired: list[tuple[Task, dt.datetime, dt.datetime]] = []
 
     def request_reconcile(self, tasks: list[Task]) -> None:
         """Ask the loop thread to make the planned tasks exactly `tasks`. Thread-safe."""
@@ -1290,11 +1320,17 @@ class TaskScheduler:
         except Exception:
             # One task's failure must never end the loop.
             log.exception("task %s failed to start for slot %s", task_id, format_time(slot))
-        try:
-            self._plan(planned.task, now)
-        except Exception:
-            log.exception("task %s could not be planned after slot %s", task_id, format_time(slot))
+        # Planned after every due task has started, so the last of a burst is not delayed.
+        self._fired.append((planned.task, slot, now))
         return schedule.CancelJob
+
+    def _plan_fired(self) -> None:
+        fired, self._fired = self._fired, []
+        for task, slot, now in fired:
+            try:
+                self._plan(task, now)
+            except Exception:
+                log.exception("task %s could not be planned after slot %s", task.task_id, format_time(slot))
 
     def _check_clock(self) -> None:
         """Re-plan everything when the wall clock stepped or the host's UTC offset changed."""
@@ -1334,6 +1370,7 @@ class TaskScheduler:
         if latest is not None:
             self.reconcile(latest)
         self._scheduler.run_pending()
+        self._plan_fired()
         return self._scheduler.idle_seconds
 
     def run_forever(self, stop: threading.Event) -> None:
@@ -1415,6 +1452,129 @@ class BoundedOutput:
         )
 
 
+def _collect_with_selector(process: subprocess.Popen, stdout: BoundedOutput, stderr: BoundedOutput,
+                           timeout: float, clock: Clock, handle: Optional["RunHandle"],
+                           kill_grace: float, pipe_grace: float) -> tuple[Optional[int], bool, dt.datetime]:
+    """Read a run's output on the calling thread until the shell exits and its pipes close.
+
+    Returns the exit code, whether the time limit ended the run, and when the shell
+    exited. One thread serves both pipes, so a run costs one thread, not three. A
+    Linux host also watches the shell's exit through a pidfd. Elsewhere the exit is
+    polled while a background child keeps the pipes open, at most every 0.25 s.
+    """
+    selector = selectors.DefaultSelector()
+    outputs: dict[int, tuple[object, BoundedOutput]] = {}
+    for stream, output in ((process.stdout, stdout), (process.stderr, stderr)):
+        selector.register(stream.fileno(), selectors.EVENT_READ)
+        outputs[stream.fileno()] = (stream, output)
+    exit_watch = _open_pidfd(process.pid)
+    if exit_watch is not None:
+        selector.register(exit_watch, selectors.EVENT_READ)
+
+    deadline = time.monotonic() + timeout
+    killer: Optional[threading.Thread] = None
+    finished_at: Optional[dt.datetime] = None
+    pipe_deadline = math.inf
+    poll_delay = 0.01
+    try:
+        while True:
+            now = time.monotonic()
+            if finished_at is None and process.poll() is not None:
+                finished_at = clock.now()
+                pipe_deadline = now + pipe_grace
+                if handle is not None:
+                    handle.exited = True
+            if finished_at is not None and (not outputs or now >= pipe_deadline):
+                break
+            if killer is None and finished_at is None and now >= deadline:
+                # The output is still read while the process tree is being stopped.
+                killer = threading.Thread(target=kill_process_tree, args=(process, kill_grace),
+                                          name="kill", daemon=True)
+                killer.start()
+            if not outputs:
+                # The command closed both pipes but goes on: wait for its exit alone.
+                wait = deadline - now if killer is None else 0.05
+                try:
+                    process.wait(max(wait, 0.0))
+                except subprocess.TimeoutExpired:
+                    pass
+                continue
+
+            if finished_at is not None:
+                wait = pipe_deadline - now
+            elif killer is not None:
+                wait = 0.05
+            elif exit_watch is not None:
+                wait = deadline - now
+            else:
+                wait = min(poll_delay, deadline - now)
+                poll_delay = min(poll_delay * 2, 0.25)
+            for key, _events in selector.select(max(wait, 0.0)):
+                if key.fd == exit_watch:
+                    selector.unregister(exit_watch)
+                    continue
+                stream, output = outputs[key.fd]
+                try:
+                    chunk = os.read(key.fd, 65536)
+                except OSError:
+                    chunk = b""
+                if chunk:
+                    output.append(chunk)
+                else:
+                    selector.unregister(key.fd)
+                    del outputs[key.fd]
+                    stream.close()
+    finally:
+        for stream, _output in outputs.values():
+            stream.close()
+        selector.close()
+        if exit_watch is not None:
+            os.close(exit_watch)
+
+    if killer is not None:
+        killer.join()
+        finished_at = clock.now()
+    return process.wait(), killer is not None, finished_at
+
+
+def _open_pidfd(pid: int) -> Optional[int]:
+    """Return a file descriptor that becomes readable when the process exits, where Linux has one."""
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None:
+        return None
+    try:
+        return pidfd_open(pid)
+    except OSError:
+        return None  # a kernel older than Linux 5.3
+
+
+def _collect_with_threads(process: subprocess.Popen, stdout: BoundedOutput, stderr: BoundedOutput,
+                          timeout: float, clock: Clock, handle: Optional["RunHandle"],
+                          kill_grace: float, pipe_grace: float) -> tuple[Optional[int], bool, dt.datetime]:
+    """Read a run's output with a thread per pipe, for Windows, where pipes cannot be selected."""
+    readers = [
+        threading.Thread(target=_drain, args=(process.stdout, stdout), daemon=True),
+        threading.Thread(target=_drain, args=(process.stderr, stderr), daemon=True),
+    ]
+    for reader in readers:
+        reader.start()
+
+    timed_out = False
+    try:
+        exit_code = process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        exit_code = kill_process_tree(process, kill_grace)
+    finished_at = clock.now()
+    if handle is not None:
+        handle.exited = True
+
+    deadline = time.monotonic() + pipe_grace
+    for reader in readers:
+        reader.join(max(deadline - time.monotonic(), 0))
+    return exit_code, timed_out, finished_at
+
+
 def _drain(stream, output: BoundedOutput) -> None:
     try:
         for chunk in iter(lambda: stream.read1(65536), b""):
@@ -1494,29 +1654,15 @@ class Runner:
             handle.deadline = started_at + dt.timedelta(seconds=timeout)
             handle.attach(process)
         stdout, stderr = BoundedOutput(self.output_limit), BoundedOutput(self.output_limit)
-        readers = [
-            threading.Thread(target=_drain, args=(process.stdout, stdout), daemon=True),
-            threading.Thread(target=_drain, args=(process.stderr, stderr), daemon=True),
-        ]
-        for reader in readers:
-            reader.start()
+        collect = _collect_with_threads if ON_WINDOWS else _collect_with_selector
+        exit_code, timed_out, finished_at = collect(
+            process, stdout, stderr, timeout, self.clock, handle,
+            kill_grace=self.KILL_GRACE_SECONDS, pipe_grace=self.PIPE_GRACE_SECONDS,
+        )
 
-        status = "succeeded"
-        try:
-            exit_code = process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            status = "timed_out"
-            exit_code = kill_process_tree(process, self.KILL_GRACE_SECONDS)
-        finished_at = self.clock.now()
-        if handle is not None:
-            handle.exited = True
-            if handle.cancelled:
-                status = "cancelled"
-
-        deadline = time.monotonic() + self.PIPE_GRACE_SECONDS
-        for reader in readers:
-            reader.join(max(deadline - time.monotonic(), 0))
-
+        status = "timed_out" if timed_out else "succeeded"
+        if handle is not None and handle.cancelled:
+            status = "cancelled"
         if status == "succeeded" and exit_code != 0:
             status = "failed"
         reason = ""
@@ -1931,6 +2077,64 @@ class ReportSender:
                 self._server_back.wait(self.backoff.next_delay())
 
 
+class ResultWriter:
+    """Writes finished runs to the state store on a thread of its own.
+
+    A worker hands its result over and is free for the next run at once. Results that
+    arrive while a write is going share the next transaction, so a burst of runs pays
+    for a few fsyncs, not one each. A result still queued when the agent is killed is
+    lost with it, and its run is reported as lost at the next start, as for a kill
+    during the run.
+    """
+
+    def __init__(self, store: StateStore, on_written: Callable[[], None]):
+        self.store = store
+        self._on_written = on_written
+        self._queue: "queue.SimpleQueue[Optional[RunResult]]" = queue.SimpleQueue()
+        self._thread: Optional[threading.Thread] = None
+        self._start_lock = threading.Lock()
+
+    def submit(self, result: RunResult) -> None:
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._write_forever, name="results", daemon=True)
+                self._thread.start()
+        self._queue.put(result)
+
+    def close(self) -> None:
+        """Write every result submitted so far, then end the thread."""
+        with self._start_lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join()
+
+    def _write_forever(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            results = [result for result in batch if result is not None]
+            if results:
+                self._write(results)
+            if len(results) < len(batch):
+                return
+
+    def _write(self, results: list[RunResult]) -> None:
+        try:
+            self.store.record_finishes(results)
+        except Exception:
+            # The runs stay recorded as started, so the next start reports them as lost.
+            log.exception("could not store the results of %d runs: %s", len(results),
+                          ", ".join(f"task {result.task_id} slot {format_time(result.scheduled_for)}"
+                                    for result in results))
+            return
+        self._on_written()
+
+
 # ---------------------------------------------------------------------------
 # The agent
 # ---------------------------------------------------------------------------
@@ -1938,6 +2142,10 @@ class ReportSender:
 
 class Agent:
     """Ties the parts together: sync with the server, fire tasks, run them, report."""
+
+    # Pruning old run records keeps the store's lock for about 10 ms with 1,000 tasks, so
+    # it runs after a sync at most this often, not after every one.
+    PRUNE_INTERVAL_SECONDS = 300.0
 
     def __init__(self, server_url: "str | list[str]", state_dir: str, agent_id: Optional[str] = None,
                  push_url: Optional[str] = None, sync_interval: float = 5.0,
@@ -1954,6 +2162,7 @@ class Agent:
         self.client = ServerClient(server_url, self.agent_id)
         self.runner = Runner(self.agent_id, work_dir or os.path.join(state_dir, "work"), clock=self.clock)
         self.sender = ReportSender(self.store, self.client)
+        self.results = ResultWriter(self.store, self.sender.notify)
         self.scheduler = TaskScheduler(self.store, self.start_run, missed=self.record_missed,
                                        clock=self.clock, max_sleep=max(sync_interval, 1.0),
                                        agent_id=self.agent_id)
@@ -1964,6 +2173,7 @@ class Agent:
         self._running_lock = threading.Lock()
         self._registered = False
         self._sync_backoff = Backoff(initial=sync_interval, maximum=max(60.0, sync_interval))
+        self._pruned_at = -math.inf
 
     def _resolve_id(self, requested: Optional[str]) -> str:
         stored = self.store.get_meta("agent_id")
@@ -2062,8 +2272,7 @@ class Agent:
             log.info("task %s slot %s %s: exit code %s, %.3f s, start lag %.1f ms%s",
                      task.task_id, format_time(slot), result.status, result.exit_code, duration,
                      lag, " (late)" if late else "")
-            self.store.record_finish(result)
-            self.sender.notify()
+            self.results.submit(result)
         except Exception:
             log.exception("task %s slot %s: the run failed inside the agent",
                           task.task_id, format_time(slot))
@@ -2105,7 +2314,10 @@ class Agent:
             changed = self.store.replace_tasks(tasks)
             log.debug("sync: %d tasks, changed: %s", len(tasks), changed)
             self.scheduler.request_reconcile(tasks)
-        self.store.prune_runs()
+        monotonic = time.monotonic()
+        if monotonic - self._pruned_at >= self.PRUNE_INTERVAL_SECONDS:
+            self._pruned_at = monotonic
+            self.store.prune_runs()
         self.sender.server_reachable()
         return True
 
@@ -2151,7 +2363,7 @@ class Agent:
         self.scheduler.run_forever(self.stop_event)
         log.info("agent %s stopping; waiting for running commands", self.agent_id)
         self._skip_queued_runs()
-        self.pool.shutdown(wait=True)
+        self.wait_for_runs()
         # The sync and report threads use the store, so they end before it closes. Each
         # finishes its current request, which the client's timeout bounds.
         self.sender.notify()
@@ -2174,6 +2386,11 @@ class Agent:
                 ))
                 log.info("task %s slot %s skipped: the agent is stopping",
                          handle.task.task_id, format_time(handle.slot))
+
+    def wait_for_runs(self) -> None:
+        """Wait until every run handed to the workers has finished and its result is stored."""
+        self.pool.shutdown(wait=True)
+        self.results.close()
 
     def stop(self) -> None:
         self.stop_event.set()

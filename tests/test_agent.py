@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -70,7 +71,7 @@ def make_agent(state_dir):
 
     yield build
     for built in agents:
-        built.pool.shutdown(wait=True)
+        built.wait_for_runs()
         built.store.close()
 
 
@@ -143,6 +144,64 @@ def test_record_start_sets_last_slot(store):
 
     assert store.last_slot("t1") == utc(2026, 1, 1, 12, 5)
     assert store.last_slot("t2") is None
+
+
+def test_cached_last_slot_skips_store_lock(store):
+    slot = utc(2026, 1, 1, 12, 5)
+    store.record_start("t1", slot)
+    answers: list[object] = []
+
+    def read_while_locked() -> None:
+        answers.append(store.last_slot("t1"))
+        answers.append(store.claim_slot("t1", slot + dt.timedelta(minutes=5)))
+
+    # A worker holds the store's lock during each write and its fsync. The loop thread
+    # reads and claims cached slots without waiting for it.
+    with store._lock:
+        reader = threading.Thread(target=read_while_locked)
+        reader.start()
+        reader.join(2.0)
+        finished = not reader.is_alive()
+
+    reader.join()
+    assert finished
+    assert answers == [slot, True]
+    assert store.last_slot("t1") == slot + dt.timedelta(minutes=5)
+
+
+class CountingStore(StateStore):
+    """A real state store that counts its transactions of finished runs."""
+
+    def __init__(self, state_dir: str):
+        super().__init__(state_dir)
+        self.batches: list[int] = []
+
+    def record_finishes(self, results: list[RunResult]) -> None:
+        self.batches.append(len(results))
+        super().record_finishes(results)
+
+
+def test_result_writer_batches_burst(state_dir):
+    store = CountingStore(state_dir)
+    slots = [utc(2026, 1, 1, 12) + dt.timedelta(minutes=minute) for minute in range(30)]
+    for slot in slots:
+        store.record_start("t1", slot)
+    written = threading.Event()
+    writer = agent.ResultWriter(store, written.set)
+
+    # The writer blocks on the store's lock with the first result while the rest queue up.
+    with store._lock:
+        for slot in slots:
+            writer.submit(finished_run("t1", slot))
+        time.sleep(0.2)
+    writer.close()
+
+    assert sum(store.batches) == 30
+    assert len(store.batches) <= 2
+    assert written.is_set()
+    assert [slot for _task_id, slot, _body in store.unreported(limit=100)] == \
+        [agent._slot_key(slot) for slot in slots]
+    store.close()
 
 
 def test_unreported_lists_finished_runs(store):
@@ -363,6 +422,7 @@ def test_fire_hands_slot_once(store):
     clock.instant = slot + dt.timedelta(milliseconds=3)
 
     outcome = scheduler._fire("five", slot)
+    scheduler._plan_fired()
 
     assert recorder.calls == [(FIVE_MINUTES, slot)]
     assert outcome is schedule.CancelJob
@@ -388,10 +448,34 @@ def test_fire_contains_callback_error(store):
     clock.instant = slot
 
     outcome = scheduler._fire("five", slot)
+    scheduler._plan_fired()
 
     assert outcome is schedule.CancelJob
     assert len(recorder.calls) == 1
     assert scheduler.planned() == {"five": slot + dt.timedelta(minutes=5)}
+
+
+def test_burst_starts_before_planning(store):
+    tasks = [Task(f"burst-{index}", "true", "every 1 seconds") for index in range(3)]
+    fired: list[str] = []
+    replanned_during_fires: list[set[str]] = []
+
+    def record(task: Task, slot: dt.datetime, late: bool = False) -> None:
+        replanned_during_fires.append(set(fired) & set(scheduler.planned()))
+        fired.append(task.task_id)
+        store.claim_slot(task.task_id, slot)
+
+    scheduler = TaskScheduler(store, record)
+    scheduler.reconcile(tasks)
+    first_slots = scheduler.planned()
+    time.sleep(max((min(first_slots.values()) - agent.Clock().now()).total_seconds(), 0) + 0.05)
+    scheduler.run_pending()
+
+    # Each task of the shared slot starts before any of them is planned again.
+    assert sorted(fired) == ["burst-0", "burst-1", "burst-2"]
+    assert replanned_during_fires == [set(), set(), set()]
+    assert scheduler.planned() == {task_id: slot + dt.timedelta(seconds=1)
+                                   for task_id, slot in first_slots.items()}
 
 
 # ---------------------------------------------------------------------------
@@ -634,6 +718,61 @@ def test_runner_kills_term_ignoring_child(work_dir):
 
     assert result.status == "timed_out"
     assert leftover == []
+
+
+@linux_only
+def test_runner_uses_calling_thread_only(runner):
+    baseline = threading.active_count()
+    counts: list[int] = []
+    results: list[RunResult] = []
+    worker = threading.Thread(target=lambda: results.append(
+        runner.run(Task("t1", "echo out; sleep 0.5; echo err >&2", "@hourly"), SLOT)))
+
+    worker.start()
+    while worker.is_alive():
+        counts.append(threading.active_count())
+        time.sleep(0.02)
+    worker.join()
+
+    # The worker reads both pipes itself: no reader thread runs beside it.
+    assert max(counts) == baseline + 1
+    assert results[0].stdout == "out\n"
+    assert results[0].stderr == "err\n"
+
+
+@linux_only
+def test_runner_times_out_with_closed_pipes(work_dir):
+    runner = QuickKillRunner("agent-7", work_dir)
+    started = time.monotonic()
+
+    result = runner.run(Task("t1", "echo $$; exec >&- 2>&-; sleep 10", "@hourly"), SLOT)
+    elapsed = time.monotonic() - started
+    pgid = int(result.stdout.split()[0])
+    leftover = wait_for_empty_group(pgid)
+    kill_group(pgid)
+
+    assert result.status == "timed_out"
+    assert elapsed < 3.0
+    assert leftover == []
+
+
+@linux_only
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polling"])
+def test_runner_times_exit_despite_background_child(runner, monkeypatch, pidfd):
+    if not pidfd:
+        monkeypatch.setattr(agent, "_open_pidfd", lambda pid: None)
+    task_id = f"exit-time-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        result = runner.run(Task(task_id, "echo started; sleep 30 &", "@hourly"), SLOT)
+    finally:
+        for pid in pids_with_environment("TASKSCHEDULER_TASK_ID", task_id):
+            kill_group(os.getpgid(pid))
+
+    # The shell exits at once. Its exit time does not wait for the background child,
+    # whose pipe the runner stops reading after PIPE_GRACE_SECONDS.
+    assert (result.finished_at - result.started_at).total_seconds() < 1.0
+    assert result.stdout == "started\n"
+    assert result.status == "succeeded"
 
 
 # ---------------------------------------------------------------------------

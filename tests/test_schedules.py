@@ -188,6 +188,7 @@ def test_restarted_scheduler_fires_zoned_slots(tmp_path):
     for _ in range(4):
         clock.instant = planned[-1]
         scheduler._fire("evening", planned[-1])
+        scheduler._plan_fired()
         planned.append(scheduler.planned()["evening"])
     store.close()
 

@@ -168,7 +168,7 @@ def test_push_reaches_real_agent(db, config, tmp_path):
         pusher.shutdown()
         listener.shutdown()
         listener.server_close()
-        listening_agent.pool.shutdown(wait=True)
+        listening_agent.wait_for_runs()
         listening_agent.store.close()
 
     assert arrived

@@ -159,7 +159,7 @@ def test_downtime_missed_row_in_store(state_dir):
         restarted.scheduler.reconcile(restarted.store.tasks())
         reports = restarted.store.unreported()
     finally:
-        restarted.pool.shutdown(wait=True)
+        restarted.wait_for_runs()
         restarted.store.close()
 
     assert len(reports) == 1
@@ -333,6 +333,7 @@ def test_step_back_before_first_slot_runs(stepped):
     planned = scheduler.planned()["five-seconds"]
     clock.instant = planned
     scheduler._fire("five-seconds", planned)
+    scheduler._plan_fired()
 
     assert planned == utc(2026, 1, 5, 11, 0, 5)
     assert recorder.fired == [("five-seconds", planned, False)]
@@ -394,13 +395,13 @@ def make_agent(state_dir):
 
     yield build
     for built in agents:
-        built.pool.shutdown(wait=True)
+        built.wait_for_runs()
         built.store.close()
 
 
 def finished_reports(tested_agent: agent.Agent) -> dict[tuple[str, str], dict]:
     """Wait for every run, then return the outbox keyed by (task id, scheduled_for)."""
-    tested_agent.pool.shutdown(wait=True)
+    tested_agent.wait_for_runs()
     return {(task_id, payload["scheduled_for"]): payload
             for task_id, _slot_key, payload in tested_agent.store.unreported()}
 
