@@ -544,6 +544,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # peewee logs each query with its parameters at DEBUG, and those include push secrets.
+    logging.getLogger("peewee").setLevel(logging.INFO)
     try:
         tokens = load_token_config(args)
     except TokenFileError as error:
