@@ -1804,9 +1804,9 @@ class ServerClient:
         self.timeout = timeout
         self.session = requests.Session()
         self.session.headers["User-Agent"] = f"taskscheduler-agent/{__version__}"
-        # True verifies the server's certificate against certifi's CA bundle, a path
-        # against that bundle instead, and False not at all (--insecure).
-        self.session.verify = verify
+        # True verifies the server's certificate against certifi's CA bundle (or
+        # REQUESTS_CA_BUNDLE), a path against that bundle instead, and False not at all.
+        self.verify = verify
         self.credentials_path = credentials_path
         self.enrollment_token = enrollment_token
         self.credentials = load_credentials(credentials_path, agent_id) if credentials_path else None
@@ -1902,8 +1902,10 @@ class ServerClient:
         url = base_url + path
         headers = {"Authorization": f"Bearer {token}"} if token is not None else None
         try:
+            # verify is passed with each request because requests lets REQUESTS_CA_BUNDLE
+            # and CURL_CA_BUNDLE override a session's verify setting.
             response = self.session.request(method, url, json=body, headers=headers,
-                                            timeout=self.timeout, stream=True)
+                                            timeout=self.timeout, stream=True, verify=self.verify)
         except requests.RequestException as error:
             raise ServerError(f"{method} {redact_url(url)} failed: {error}") from None
 
