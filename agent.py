@@ -1732,7 +1732,7 @@ CREDENTIALS_FILE = "agent-credentials.json"
 
 @dataclasses.dataclass(frozen=True)
 class Credentials:
-    """What enrollment gave this agent: its bearer token and the key of its push wake-ups."""
+    """The agent's enrollment result: its bearer token and the key of its push wake-ups."""
 
     agent_id: str
     agent_token: str
@@ -1837,7 +1837,7 @@ class ServerClient:
 
     def _recover_from_unauthorized(self, used: Optional[Credentials]) -> None:
         """Enroll after the server rejected `used` (None: no token), or raise a ServerError
-        whose message says how to fix it."""
+        whose message tells the operator how to fix it."""
         with self._enroll_lock:
             if self.credentials is not used:
                 return  # another thread enrolled meanwhile
@@ -2221,8 +2221,8 @@ class Agent:
     # Sync ------------------------------------------------------------------
 
     def request_sync(self) -> None:
-        """Make the sync thread sync now, as a push wake-up asks; requests made during a
-        sync lead to one more sync, not one each."""
+        """Make the sync thread sync now, for a push wake-up. Requests made during a sync
+        lead to one more sync, not one each."""
         self._sync_requested.set()
 
     def sync_once(self) -> bool:
@@ -2370,6 +2370,7 @@ class PushVerifier:
             return f"{PUSH_TIMESTAMP_HEADER} must be whole Unix seconds"
         if not NONCE_PATTERN.fullmatch(nonce):
             return f"{PUSH_NONCE_HEADER} must be 16-64 letters, digits, '-' or '_'"
+
         expected = push_signature(secret, timestamp, nonce, body)
         if not hmac.compare_digest(expected.encode("ascii"), signature.encode("ascii", "replace")):
             return "the wake-up's signature is not valid for this agent's push secret"
@@ -2379,6 +2380,7 @@ class PushVerifier:
         if age < -self.window:
             return (f"the wake-up is dated {-age:.0f} s in the future, more than the "
                     f"{self.window:g} s allowed; check both hosts' clocks")
+
         with self._lock:
             for seen_nonce, expiry in list(self._seen.items()):
                 if expiry <= now:
@@ -2562,7 +2564,7 @@ def read_secret_file(path: str) -> str:
         for line in secret_file:
             if line.strip() and not line.strip().startswith("#"):
                 return line.strip()
-    raise ValueError(f"{path} holds no token")
+    raise ValueError(f"{path} contains no token")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,7 +31,7 @@ AGENT_ID_HINT = "agent ids are 1-64 letters, digits, '.', '_' or '-'"
 
 
 class TokenFileError(ValueError):
-    """A token file or variable that cannot be read or holds an invalid token."""
+    """A token file or variable that cannot be read or contains an invalid token."""
 
 
 def token_digest(token: str) -> bytes:
@@ -104,7 +104,7 @@ def digest_in(digest: bytes, accepted: tuple[bytes, ...]) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Identity:
-    """Who sent a request: `kind` is open (no tokens configured), admin, read,
+    """The sender of a request. `kind` is open (no tokens configured), admin, read,
     enrollment or agent, and `agent_id` is set for agent tokens."""
 
     kind: str
@@ -145,9 +145,9 @@ def authenticate(tokens: TokenConfig) -> Identity:
     """Return who sent the current request, or raise a 401 response.
 
     Operator and enrollment tokens are compared in constant time. An agent token is
-    found by the SHA-256 of the token, which is an index lookup: a timing difference
-    there could at most hint at a digest, and finding a token for a digest means
-    inverting SHA-256 of 32 random bytes.
+    found by its SHA-256 in an index lookup. A timing difference there could at most
+    hint at a stored digest, and a token for a digest means inverting SHA-256 of 32
+    random bytes.
     """
     if not tokens.enabled:
         return OPEN

@@ -1,7 +1,7 @@
 """Waking agents up to sync when a task is created.
 
-A push carries no task: it asks the agent to fetch its task list now, which the agent
-does with its own token, as at every sync. So commands reach an agent only in the
+A push carries no task. It makes the agent fetch its task list now, with the agent's own
+token, as at every sync. So commands reach an agent only in the
 server's responses. Each wake-up is signed with HMAC-SHA256 under the agent's push
 secret (see `agent.push_signature`); agents of a server without tokens have no secret,
 and their wake-ups go unsigned.
