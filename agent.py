@@ -1730,6 +1730,21 @@ class ServerError(Exception):
 CREDENTIALS_FILE = "agent-credentials.json"
 
 
+class BearerAuth(requests.auth.AuthBase):
+    """Sets `Authorization: Bearer TOKEN` on a request.
+
+    Given as `auth=`, it keeps requests from replacing the header with credentials from a
+    netrc file, which requests applies only to requests without `auth`.
+    """
+
+    def __init__(self, token: str):
+        self.token = token
+
+    def __call__(self, request):
+        request.headers["Authorization"] = f"Bearer {self.token}"
+        return request
+
+
 @dataclasses.dataclass(frozen=True)
 class Credentials:
     """The agent's enrollment result: its bearer token and the key of its push wake-ups."""
@@ -1900,11 +1915,11 @@ class ServerClient:
     def _request_one(self, base_url: str, method: str, path: str, body: Optional[dict],
                      token: Optional[str] = None) -> dict:
         url = base_url + path
-        headers = {"Authorization": f"Bearer {token}"} if token is not None else None
+        auth = BearerAuth(token) if token is not None else None
         try:
             # verify is passed with each request because requests lets REQUESTS_CA_BUNDLE
             # and CURL_CA_BUNDLE override a session's verify setting.
-            response = self.session.request(method, url, json=body, headers=headers,
+            response = self.session.request(method, url, json=body, auth=auth,
                                             timeout=self.timeout, stream=True, verify=self.verify)
         except requests.RequestException as error:
             raise ServerError(f"{method} {redact_url(url)} failed: {error}") from None

@@ -3,6 +3,7 @@ HTTPS server on 127.0.0.1 with a self-signed certificate made by the openssl com
 
 from __future__ import annotations
 
+import http.server
 import shutil
 import ssl
 import subprocess
@@ -76,3 +77,43 @@ def test_insecure_agent_skips_verification(tls_server):
     client = agent.ServerClient(url, "tls-1", verify=False)
 
     assert client.register(None)["agent_id"] == "tls-1"
+
+
+class RecordingHandler(http.server.BaseHTTPRequestHandler):
+    """Returns an empty JSON object and records each request's Authorization header."""
+
+    headers_seen: list = []
+
+    def do_PUT(self):  # noqa: N802 - name fixed by the base class
+        self.headers_seen.append(self.headers.get("Authorization"))
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, format, *args):  # noqa: A002 - name fixed by the base class
+        pass
+
+
+def test_bearer_token_wins_over_netrc(tmp_path, monkeypatch):
+    """requests replaces a plain Authorization header with netrc credentials; the token must win."""
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login basic-user password basic-password\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    handler = type("Handler", (RecordingHandler,), {"headers_seen": []})
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        client = agent.ServerClient(f"http://127.0.0.1:{httpd.server_address[1]}", "web-1")
+        client.register(None)
+        client.credentials = agent.Credentials("web-1", "agent-token-0123456789abcdef", "unused")
+        client.register(None)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+    assert handler.headers_seen[0].startswith("Basic ")
+    assert handler.headers_seen[1] == "Bearer agent-token-0123456789abcdef"
