@@ -9,7 +9,7 @@ in reading order:
 - the task scheduler (turns task slots into one-shot `schedule` jobs),
 - the runner (runs one command through the host's shell),
 - the server client, the report sender and the sync loop,
-- the push listener (an optional HTTP endpoint the server pushes new tasks to),
+- the push listener (an optional HTTP endpoint where the server wakes the agent up to sync),
 - the command line.
 """
 
@@ -22,7 +22,9 @@ import dataclasses
 import datetime as dt
 import functools
 import hashlib
+import hmac
 import http.server
+import ipaddress
 import json
 import logging
 import math
@@ -31,6 +33,7 @@ import platform
 import queue
 import random
 import re
+import secrets
 import selectors
 import signal
 import socket
@@ -1870,6 +1873,77 @@ class ServerError(Exception):
         self.status = status
 
 
+CREDENTIALS_FILE = "agent-credentials.json"
+
+
+class BearerAuth(requests.auth.AuthBase):
+    """Sets `Authorization: Bearer TOKEN` on a request.
+
+    Given as `auth=`, it keeps requests from replacing the header with credentials from a
+    netrc file, which requests applies only to requests without `auth`.
+    """
+
+    def __init__(self, token: str):
+        self.token = token
+
+    def __call__(self, request):
+        request.headers["Authorization"] = f"Bearer {self.token}"
+        return request
+
+
+@dataclasses.dataclass(frozen=True)
+class Credentials:
+    """The agent's enrollment result: its bearer token and the key of its push wake-ups."""
+
+    agent_id: str
+    agent_token: str
+    push_secret: str
+
+    def __repr__(self) -> str:
+        # Keeps the secrets out of tracebacks and debug logs.
+        return f"Credentials(agent_id={self.agent_id!r})"
+
+
+def load_credentials(path: str, agent_id: str) -> Optional[Credentials]:
+    """Return the credentials stored at `path` for `agent_id`, or None when there are none.
+
+    Credentials of another agent id (after --id changed it) are ignored, so the agent
+    enrolls again under its new id.
+    """
+    try:
+        with open(path, encoding="utf-8") as credentials_file:
+            data = json.load(credentials_file)
+        credentials = Credentials(agent_id=data["agent_id"], agent_token=data["agent_token"],
+                                  push_secret=data["push_secret"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        log.error("credentials file %s cannot be read, ignored: %s; delete it to enroll again",
+                  path, type(error).__name__)
+        return None
+    if credentials.agent_id != agent_id:
+        log.warning("credentials file %s belongs to agent %s, not %s; ignored, so the agent "
+                    "enrolls as %s", path, credentials.agent_id, agent_id, agent_id)
+        return None
+    if not ON_WINDOWS and os.stat(path).st_mode & 0o077:
+        log.warning("credentials file %s can be read by other users; run chmod 600 on it", path)
+    return credentials
+
+
+def save_credentials(path: str, credentials: Credentials) -> None:
+    """Write the credentials to `path` with mode 0600, replacing the file in one step."""
+    temporary = path + ".tmp"
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as credentials_file:
+        # os.open's mode applies only to a new file, so a leftover temporary file is fixed too.
+        if not ON_WINDOWS:
+            os.fchmod(credentials_file.fileno(), 0o600)
+        json.dump(dataclasses.asdict(credentials), credentials_file)
+        credentials_file.flush()
+        os.fsync(credentials_file.fileno())
+    os.replace(temporary, path)
+
+
 class ServerClient:
     """The agent's calls to the server's REST API.
 
@@ -1877,7 +1951,9 @@ class ServerClient:
     response moves on to the next URL, and the client stays with the first one that works.
     """
 
-    def __init__(self, base_urls: "str | list[str]", agent_id: str, timeout: float = 10.0):
+    def __init__(self, base_urls: "str | list[str]", agent_id: str, timeout: float = 10.0,
+                 credentials_path: Optional[str] = None, enrollment_token: Optional[str] = None,
+                 verify: "bool | str" = True):
         urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
         self.base_urls = [url.rstrip("/") for url in urls]
         self._current = 0
@@ -1889,17 +1965,87 @@ class ServerClient:
         self.timeout = timeout
         self.session = requests.Session()
         self.session.headers["User-Agent"] = f"taskscheduler-agent/{__version__}"
+        # True verifies the server's certificate against certifi's CA bundle (or
+        # REQUESTS_CA_BUNDLE), a path against that bundle instead, and False not at all.
+        self.verify = verify
+        self.credentials_path = credentials_path
+        self.enrollment_token = enrollment_token
+        self.credentials = load_credentials(credentials_path, agent_id) if credentials_path else None
+        self._enroll_lock = threading.Lock()
+
+    @property
+    def push_secret(self) -> Optional[str]:
+        return self.credentials.push_secret if self.credentials is not None else None
 
     @property
     def base_url(self) -> str:
         return self.base_urls[self._current]
 
     def _request(self, method: str, path: str, body: Optional[dict] = None) -> dict:
+        """Send a request with the agent token; on a 401, enroll if possible and send it again."""
+        credentials = self.credentials
+        try:
+            return self._request_any(method, path, body, self._token_of(credentials))
+        except ServerError as error:
+            if error.status != 401:
+                raise
+            self._recover_from_unauthorized(credentials)
+        return self._request_any(method, path, body, self._token_of(self.credentials))
+
+    @staticmethod
+    def _token_of(credentials: Optional[Credentials]) -> Optional[str]:
+        return credentials.agent_token if credentials is not None else None
+
+    def _recover_from_unauthorized(self, used: Optional[Credentials]) -> None:
+        """Enroll after the server rejected `used` (None: no token), or raise a ServerError
+        whose message tells the operator how to fix it."""
+        with self._enroll_lock:
+            if self.credentials is not used:
+                return  # another thread enrolled meanwhile
+            path = self.credentials_path or CREDENTIALS_FILE
+            if self.enrollment_token is None:
+                if used is None:
+                    message = ("the server requires an agent token: give the agent the enrollment "
+                               "token with --enrollment-token-file PATH or the environment variable "
+                               "TASKSCHEDULER_ENROLLMENT_TOKEN, so that it can enroll")
+                else:
+                    message = (f"the server rejected the stored token of agent {self.agent_id} "
+                               f"from {path}: an admin may have revoked it. To enroll again, give "
+                               "the agent the enrollment token (--enrollment-token-file or "
+                               "TASKSCHEDULER_ENROLLMENT_TOKEN), or delete that file and restart "
+                               "with the enrollment token")
+                log.error("%s", message)
+                raise ServerError(message, status=401)
+            self.credentials = self._enroll(path)
+
+    def _enroll(self, path: str) -> Credentials:
+        try:
+            body = self._request_any("POST", f"/api/v1/agents/{self.agent_id}/enroll", None,
+                                     self.enrollment_token)
+        except ServerError as error:
+            message = f"enrollment of agent {self.agent_id} failed: {error}"
+            if error.status == 409:
+                message += (f". Delete {path} only if an admin also revoked the agent's token; "
+                            "otherwise start the agent with another --id")
+            log.error("%s", message)
+            raise ServerError(message, status=error.status) from None
+        try:
+            credentials = Credentials(agent_id=self.agent_id, agent_token=str(body["agent_token"]),
+                                      push_secret=str(body["push_secret"]))
+        except KeyError as error:
+            raise ServerError(f"the enrollment response lacks {error}") from None
+        if self.credentials_path is not None:
+            save_credentials(self.credentials_path, credentials)
+        log.info("enrolled with %s as agent %s; credentials stored in %s",
+                 redact_url(self.base_url), self.agent_id, path)
+        return credentials
+
+    def _request_any(self, method: str, path: str, body: Optional[dict], token: Optional[str]) -> dict:
         error: Optional[ServerError] = None
         for attempt in range(len(self.base_urls)):
             index = (self._current + attempt) % len(self.base_urls)
             try:
-                result = self._request_one(self.base_urls[index], method, path, body)
+                result = self._request_one(self.base_urls[index], method, path, body, token)
             except ServerError as failure:
                 error = failure
                 if failure.status is not None and failure.status < 500:
@@ -1912,10 +2058,15 @@ class ServerClient:
         assert error is not None
         raise error
 
-    def _request_one(self, base_url: str, method: str, path: str, body: Optional[dict]) -> dict:
+    def _request_one(self, base_url: str, method: str, path: str, body: Optional[dict],
+                     token: Optional[str] = None) -> dict:
         url = base_url + path
+        auth = BearerAuth(token) if token is not None else None
         try:
-            response = self.session.request(method, url, json=body, timeout=self.timeout, stream=True)
+            # verify is passed with each request because requests lets REQUESTS_CA_BUNDLE
+            # and CURL_CA_BUNDLE override a session's verify setting.
+            response = self.session.request(method, url, json=body, auth=auth,
+                                            timeout=self.timeout, stream=True, verify=self.verify)
         except requests.RequestException as error:
             raise ServerError(f"{method} {redact_url(url)} failed: {error}") from None
 
@@ -2016,7 +2167,8 @@ class ReportSender:
     """Sends finished runs from the outbox to the server until each is acknowledged.
 
     A run leaves the outbox only when the server accepted it (2xx) or rejected it for
-    good (4xx other than 408 and 429, for example a task that was deleted).
+    good (4xx other than 401, 408 and 429, for example a task that was deleted). A 401
+    keeps it, because the agent can still enroll or be given a valid token.
     """
 
     BATCH_DELAY_SECONDS = 0.5
@@ -2042,7 +2194,7 @@ class ReportSender:
                     self.client.complete(task_id, payload)
                 except ServerError as error:
                     if error.status is not None and 400 <= error.status < 500 \
-                            and error.status not in (408, 429):
+                            and error.status not in (401, 408, 429):
                         log.warning("report of task %s slot %s rejected, dropped: %s",
                                     task_id, payload.get("scheduled_for"), error)
                     else:
@@ -2151,7 +2303,8 @@ class Agent:
                  push_url: Optional[str] = None, sync_interval: float = 5.0,
                  max_concurrent_runs: int = 16, when_busy: str = "queue",
                  work_dir: Optional[str] = None, clock: Optional[Clock] = None,
-                 outbox_size: int = 10000):
+                 outbox_size: int = 10000, enrollment_token: Optional[str] = None,
+                 verify: "bool | str" = True):
         self.clock = clock or Clock()
         self.store = StateStore(state_dir, outbox_size=outbox_size)
         self.agent_id = self._resolve_id(agent_id)
@@ -2159,7 +2312,11 @@ class Agent:
         self.sync_interval = sync_interval
         self.max_concurrent_runs = max_concurrent_runs
         self.when_busy = when_busy
-        self.client = ServerClient(server_url, self.agent_id)
+        self.client = ServerClient(server_url, self.agent_id,
+                                   credentials_path=os.path.join(state_dir, CREDENTIALS_FILE),
+                                   enrollment_token=enrollment_token, verify=verify)
+        self.push_verifier = PushVerifier()
+        self._sync_requested = threading.Event()
         self.runner = Runner(self.agent_id, work_dir or os.path.join(state_dir, "work"), clock=self.clock)
         self.sender = ReportSender(self.store, self.client)
         self.results = ResultWriter(self.store, self.sender.notify)
@@ -2287,16 +2444,10 @@ class Agent:
 
     # Sync ------------------------------------------------------------------
 
-    def accept_pushed_task(self, task: Task) -> str:
-        """Store a task pushed by the server and plan it at once."""
-        outcome = self.store.upsert_task(task)
-        if outcome != "unchanged":
-            log.info("task %s %s by push", task.task_id, outcome)
-            self.scheduler.request_reconcile(self.store.tasks())
-            # The next sync must apply the server's list even if it did not change, so a
-            # pushed task the server does not list is dropped again.
-            self.client.forget_task_list()
-        return outcome
+    def request_sync(self) -> None:
+        """Make the sync thread sync now, for a push wake-up. Requests made during a sync
+        lead to one more sync, not one each."""
+        self._sync_requested.set()
 
     def sync_once(self) -> bool:
         """Register (or heartbeat) and fetch the full task list; return whether it worked."""
@@ -2323,6 +2474,8 @@ class Agent:
 
     def sync_forever(self) -> None:
         while not self.stop_event.is_set():
+            # Cleared before the sync, so a wake-up that arrives during it leads to one more.
+            self._sync_requested.clear()
             try:
                 synced = self.sync_once()
             except Exception:
@@ -2331,10 +2484,10 @@ class Agent:
                 synced = False
             if synced:
                 self._sync_backoff.reset()
-                delay = self.sync_interval
+                self._sync_requested.wait(self.sync_interval)
             else:
-                delay = self._sync_backoff.next_delay()
-            self.stop_event.wait(delay)
+                # Wake-ups do not cut a backoff short, so they cannot hammer a failing server.
+                self.stop_event.wait(self._sync_backoff.next_delay())
 
     # Lifecycle -------------------------------------------------------------
 
@@ -2394,6 +2547,7 @@ class Agent:
 
     def stop(self) -> None:
         self.stop_event.set()
+        self._sync_requested.set()
         self.scheduler.wake()
 
 
@@ -2402,8 +2556,83 @@ class Agent:
 # ---------------------------------------------------------------------------
 
 
+WAKEUP_PATH = "/api/v1/sync"
+PUSH_TIMESTAMP_HEADER = "X-Taskscheduler-Timestamp"
+PUSH_NONCE_HEADER = "X-Taskscheduler-Nonce"
+PUSH_SIGNATURE_HEADER = "X-Taskscheduler-Signature"
+NONCE_PATTERN = re.compile(r"[A-Za-z0-9_-]{16,64}")
+
+
+def push_signature(secret: str, timestamp: str, nonce: str, body: bytes) -> str:
+    """Return the hex HMAC-SHA256 of a wake-up under the agent's push secret.
+
+    The message is the timestamp (Unix seconds), the nonce and the body, joined by
+    newlines, so none of them can be changed or moved to another request.
+    """
+    message = timestamp.encode("ascii") + b"\n" + nonce.encode("ascii") + b"\n" + body
+    return hmac.new(secret.encode("utf-8"), message, hashlib.sha256).hexdigest()
+
+
+class PushVerifier:
+    """Checks the signature, age and nonce of signed wake-ups.
+
+    A wake-up is accepted when its timestamp is within `window` seconds of this host's
+    clock, in either direction, so the server's and agent's clocks must agree to within
+    that. Its nonce is remembered for twice the window, which covers every timestamp
+    still accepted, so a captured wake-up cannot be sent again.
+    """
+
+    MAX_NONCES = 10000
+
+    def __init__(self, window: float = 60.0):
+        self.window = window
+        self._seen: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def check(self, headers, body: bytes, secret: str, now: Optional[float] = None) -> Optional[str]:
+        """Return why the wake-up is rejected, or None when it is authentic and new."""
+        now = time.time() if now is None else now
+        timestamp = headers.get(PUSH_TIMESTAMP_HEADER)
+        nonce = headers.get(PUSH_NONCE_HEADER)
+        signature = headers.get(PUSH_SIGNATURE_HEADER)
+        if timestamp is None or nonce is None or signature is None:
+            return (f"the wake-up is not signed: this agent requires the headers {PUSH_TIMESTAMP_HEADER}, "
+                    f"{PUSH_NONCE_HEADER} and {PUSH_SIGNATURE_HEADER}")
+        if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
+            return f"{PUSH_TIMESTAMP_HEADER} must be whole Unix seconds"
+        if not NONCE_PATTERN.fullmatch(nonce):
+            return f"{PUSH_NONCE_HEADER} must be 16-64 letters, digits, '-' or '_'"
+
+        expected = push_signature(secret, timestamp, nonce, body)
+        if not hmac.compare_digest(expected.encode("ascii"), signature.encode("ascii", "replace")):
+            return "the wake-up's signature is not valid for this agent's push secret"
+        age = now - int(timestamp)
+        if age > self.window:
+            return f"the wake-up is {age:.0f} s old, more than the {self.window:g} s allowed"
+        if age < -self.window:
+            return (f"the wake-up is dated {-age:.0f} s in the future, more than the "
+                    f"{self.window:g} s allowed; check both hosts' clocks")
+
+        with self._lock:
+            for seen_nonce, expiry in list(self._seen.items()):
+                if expiry <= now:
+                    del self._seen[seen_nonce]
+            if nonce in self._seen:
+                return "the wake-up was already received once (replayed nonce)"
+            if len(self._seen) >= self.MAX_NONCES:
+                return "too many wake-ups within the last two minutes; retry later"
+            self._seen[nonce] = now + 2 * self.window
+        return None
+
+
 class PushHandler(http.server.BaseHTTPRequestHandler):
-    """Accepts `POST /api/v1/tasks/schedule` from the server."""
+    """Accepts `POST /api/v1/sync`, the server's wake-up, and makes the agent sync now.
+
+    A wake-up carries no task: the agent fetches its task list from the server, with its
+    own token, as at every sync. An enrolled agent accepts only wake-ups signed with its
+    push secret. An agent without one (its server runs without tokens) accepts unsigned
+    wake-ups, which let a caller trigger a sync and nothing else.
+    """
 
     agent: Agent  # set on the subclass made by `start_push_listener`
     server_version = f"taskscheduler-agent/{__version__}"
@@ -2421,8 +2650,8 @@ class PushHandler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_POST(self) -> None:  # noqa: N802 - name fixed by the base class
-        if self.path != "/api/v1/tasks/schedule":
-            self._send_json(404, {"error": f"no endpoint at {self.path}; use POST /api/v1/tasks/schedule"})
+        if self.path != WAKEUP_PATH:
+            self._send_json(404, {"error": f"no endpoint at {self.path}; use POST {WAKEUP_PATH}"})
             return
         content_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if content_type != "application/json":
@@ -2436,21 +2665,33 @@ class PushHandler(http.server.BaseHTTPRequestHandler):
         if length < 0 or length > self.MAX_BODY_BYTES:
             self._send_json(413, {"error": f"body must be 0-{self.MAX_BODY_BYTES} bytes"})
             return
+        body = self.rfile.read(length)
+        secret = self.agent.client.push_secret
+        if secret is not None:
+            refusal = self.agent.push_verifier.check(self.headers, body, secret)
+            if refusal is not None:
+                log.warning("wake-up from %s rejected: %s", self.client_address[0], refusal)
+                self._send_json(401, {"error": refusal})
+                return
         try:
-            data = json.loads(self.rfile.read(length) or b"null")
+            data = json.loads(body or b"null")
         except (ValueError, RecursionError) as error:  # also UnicodeDecodeError for non-UTF-8
             self._send_json(400, {"error": f"body is not valid JSON: {error}"})
             return
-        try:
-            task = Task.from_json(data)
-        except TaskError as error:
-            self._send_json(400, {"error": str(error), "field": error.field})
+        if not isinstance(data, dict):
+            self._send_json(400, {"error": "body must be a JSON object"})
             return
-        outcome = self.agent.accept_pushed_task(task)
-        self._send_json(200, {"task_id": task.task_id, "agent_id": self.agent.agent_id, "result": outcome})
+        if data.get("agent_id") != self.agent.agent_id:
+            self._send_json(400, {"error": f"the wake-up is for agent {data.get('agent_id')!r}, "
+                                           f"not {self.agent.agent_id}", "field": "agent_id"})
+            return
+        log.info("wake-up from the server (%s), syncing now",
+                 "signed" if secret is not None else "unsigned")
+        self.agent.request_sync()
+        self._send_json(202, {"agent_id": self.agent.agent_id, "result": "sync requested"})
 
     def do_GET(self) -> None:  # noqa: N802 - name fixed by the base class
-        self._send_json(405, {"error": "use POST /api/v1/tasks/schedule"})
+        self._send_json(405, {"error": f"use POST {WAKEUP_PATH}"})
 
     do_PUT = do_DELETE = do_PATCH = do_HEAD = do_GET  # noqa: N815 - names fixed by the base class
 
@@ -2460,7 +2701,7 @@ def start_push_listener(agent: Agent, host: str, port: int) -> http.server.Threa
     server = http.server.ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="push", daemon=True).start()
-    log.info("push listener on http://%s:%d/api/v1/tasks/schedule", host, server.server_address[1])
+    log.info("push listener on http://%s:%d%s", host, server.server_address[1], WAKEUP_PATH)
     return server
 
 
@@ -2526,9 +2767,43 @@ def positive_int(value: str) -> int:
     return int(value)
 
 
+def is_loopback_host(host: str) -> bool:
+    """Return whether `host` (a name or an address, IPv6 in brackets or not) is this host's loopback."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_server_url(url: str, insecure: bool) -> Optional[str]:
+    """Return why the agent must not use `url`, or None when it may."""
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
+        return f"invalid --server URL {url!r}: use http://HOST:PORT or https://HOST"
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme == "http" and not insecure and not is_loopback_host(parsed.hostname or ""):
+        return (f"--server {redact_url(url)} uses plain HTTP to another host, which would send the "
+                "agent's token and receive its commands unencrypted; use https://, or pass "
+                "--insecure if the network is trusted")
+    return None
+
+
+def read_secret_file(path: str) -> str:
+    """Return the first line of `path` that is neither blank nor a '#' comment."""
+    with open(path, encoding="utf-8") as secret_file:
+        for line in secret_file:
+            if line.strip() and not line.strip().startswith("#"):
+                return line.strip()
+    raise ValueError(f"{path} contains no token")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Run taskscheduler's periodic shell commands on this host and report their output.",
+        # Without this, --enrollment-token VALUE would be taken for --enrollment-token-file.
+        allow_abbrev=False,
     )
     parser.add_argument("--server", default=os.environ.get("TASKSCHEDULER_SERVER"),
                         help="base URL of the taskscheduler server, such as http://127.0.0.1:8080; "
@@ -2540,8 +2815,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--id", dest="agent_id", default=os.environ.get("TASKSCHEDULER_AGENT_ID"),
                         help="agent id, 1-64 letters, digits, '.', '_' or '-' (env TASKSCHEDULER_AGENT_ID; "
                              "default: the stored id, or HOSTNAME-RANDOM generated on first start)")
+    parser.add_argument("--enrollment-token-file", metavar="PATH",
+                        help="file holding the server's enrollment token, used once to enroll when "
+                             "the server requires tokens (env TASKSCHEDULER_ENROLLMENT_TOKEN holds "
+                             "the token itself; default: none)")
+    parser.add_argument("--ca-bundle", metavar="PATH",
+                        help="CA certificates (PEM) that the server's TLS certificate is verified "
+                             "against (default: the certifi bundle that requests ships)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow plain http:// to a server that is not on this host, and skip "
+                             "verification of the server's TLS certificate (default: off)")
     parser.add_argument("--listen", type=parse_listen, metavar="HOST:PORT",
-                        help="accept task pushes from the server on this address (default: off; "
+                        help="accept the server's wake-ups on this address (default: off; "
                              "the agent then gets tasks by pulling alone)")
     parser.add_argument("--advertise-url", metavar="URL",
                         help="URL the server uses to reach the push listener (default: http://HOST:PORT "
@@ -2573,10 +2858,28 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     server_urls = [url.strip() for url in args.server.split(",") if url.strip()]
     for url in server_urls:
-        if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
-            print(f"agent.py: error: invalid --server URL {url!r}: use http://HOST:PORT or "
-                  "https://HOST", file=sys.stderr)
+        problem = check_server_url(url, args.insecure)
+        if problem is not None:
+            print(f"agent.py: error: {problem}", file=sys.stderr)
             return 2
+    enrollment_token = os.environ.get("TASKSCHEDULER_ENROLLMENT_TOKEN") or None
+    # Commands inherit the agent's environment, and must not see the token.
+    os.environ.pop("TASKSCHEDULER_ENROLLMENT_TOKEN", None)
+    if args.enrollment_token_file:
+        try:
+            enrollment_token = read_secret_file(args.enrollment_token_file)
+        except (OSError, ValueError) as error:
+            print(f"agent.py: error: cannot read --enrollment-token-file: {error}", file=sys.stderr)
+            return 2
+    verify: "bool | str" = True
+    if args.insecure:
+        verify = False
+        urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+    elif args.ca_bundle:
+        if not os.path.isfile(args.ca_bundle):
+            print(f"agent.py: error: --ca-bundle {args.ca_bundle} is not a file", file=sys.stderr)
+            return 2
+        verify = args.ca_bundle
 
     push_url = args.advertise_url
     try:
@@ -2588,7 +2891,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         agent = Agent(server_urls, args.state_dir, agent_id=args.agent_id,
                       sync_interval=args.sync_interval,
                       max_concurrent_runs=args.max_concurrent_runs, when_busy=args.when_busy,
-                      work_dir=args.work_dir, outbox_size=args.outbox_size)
+                      work_dir=args.work_dir, outbox_size=args.outbox_size,
+                      enrollment_token=enrollment_token, verify=verify)
     except (ValueError, OSError, sqlite3.Error) as error:
         print(f"agent.py: error: {error}", file=sys.stderr)
         return 2
@@ -2609,10 +2913,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     agent.push_url = push_url
 
     log.info("agent %s: servers %s, state dir %s, push URL %s, sync every %.1f s, at most %d runs "
-             "at once (%s beyond), outbox size %d", agent.agent_id,
+             "at once (%s beyond), outbox size %d, TLS verification %s, %s", agent.agent_id,
              ", ".join(redact_url(url) for url in server_urls),
              os.path.abspath(args.state_dir), push_url or "none", args.sync_interval,
-             args.max_concurrent_runs, args.when_busy, args.outbox_size)
+             args.max_concurrent_runs, args.when_busy, args.outbox_size,
+             "off (--insecure)" if verify is False else f"against {verify}" if verify is not True
+             else "on", "enrolled" if agent.client.credentials is not None
+             else "enrollment token given" if enrollment_token else "no credentials")
 
     def request_stop(signum, _frame):
         log.info("received signal %d", signum)

@@ -78,6 +78,11 @@ class Agent(BaseModel):
     # was full, as of its last heartbeat.
     outbox_depth = peewee.IntegerField(default=0, constraints=sql_default("0"))
     outbox_dropped = peewee.IntegerField(default=0, constraints=sql_default("0"))
+    # Set by enrollment: the hex SHA-256 of the agent's bearer token (the token itself is
+    # never stored), and the key the server signs this agent's push wake-ups with.
+    token_hash = peewee.CharField(max_length=64, null=True, unique=True)
+    push_secret = peewee.CharField(max_length=128, null=True)
+    enrolled_at = peewee.DateTimeField(null=True)
 
 
 class Result(BaseModel):
@@ -152,8 +157,13 @@ def open_database(url: str) -> peewee.Database:
         if isinstance(db, peewee.PostgresqlDatabase):
             # Servers that start at once take turns, so only the first one changes the schema.
             db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
-        db.create_tables(MODELS, safe=True)
+        # Indexes come after the new columns: creating the tables of an earlier version
+        # again would index columns they still lack (token_hash).
+        existing = set(db.get_tables())
+        db.create_tables([model for model in MODELS if model._meta.table_name not in existing])
         add_missing_columns(db)
+        for model in MODELS:
+            model._schema.create_indexes(safe=True)
     return db
 
 

@@ -12,6 +12,7 @@ import argparse
 import base64
 import dataclasses
 import datetime as dt
+import ipaddress
 import json
 import logging
 import os
@@ -27,6 +28,8 @@ import waitress
 
 from agent import (AGENT_ID_PATTERN, UTC, FrequencyError, TaskError, check_jitter, format_time,
                    parse_frequency, validate_task_options, zone_for)
+from auth import (TokenConfig, TokenFileError, add_enrollment_routes, authenticate, forbidden,
+                  may_report, read_tokens, require_agent, require_operator)
 from executions import latest_complete_execution
 from jsonapi import (MAX_BODY_BYTES, api_error, byte_count, json_response, local_time_text,
                      optional_base64, optional_boolean, optional_count, optional_exit_code,
@@ -34,7 +37,7 @@ from jsonapi import (MAX_BODY_BYTES, api_error, byte_count, json_response, local
                      optional_time, read_json_object, read_missed_range, render_http_error,
                      required_string, seconds_json, time_text)
 from models import Agent, Result, Task, database, open_database, sqlite_url, utc_now
-from push import TaskPusher
+from push import PushTarget, TaskPusher
 
 __version__ = "0.1.0"
 
@@ -61,6 +64,7 @@ class ServerConfig:
     agent_timeout: float = 30.0
     report_grace: float = 30.0
     push_timeout: float = 5.0
+    tokens: TokenConfig = dataclasses.field(default_factory=TokenConfig)
 
 
 # ---------------------------------------------------------------------------
@@ -165,6 +169,8 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
     app.default_error_handler = render_http_error
     app.install(database_plugin)
     app.config["taskscheduler.pusher"] = pusher
+    tokens = config.tokens
+    add_enrollment_routes(app, tokens, AGENT_ID_PATTERN)
 
     def find_task(task_id: str) -> Task:
         task_id = task_id.lower()  # UUIDs compare without case; ids are stored in lower case
@@ -183,6 +189,7 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
 
     @app.post("/api/v1/tasks/create")
     def create_task():
+        require_operator(tokens, admin=True)
         data = read_json_object()
         command = required_string(data, "command", MAX_COMMAND_LENGTH)
         frequency = required_string(data, "frequency", 200)
@@ -204,9 +211,14 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
                  "jitter %g s, timeout %s", task.id, frequency, task.timezone, task.catchup,
                  task.overlap, task.jitter,
                  "none (the period, at most 1 h)" if task.timeout is None else f"{task.timeout:g} s")
-        agents = [(agent.id, agent.push_url) for agent in Agent.select().where(
-            Agent.push_url.is_null(False) & (Agent.last_seen_at >= online_since()))]
-        pusher.push(task_json(task), agents)
+        pushed = Agent.push_url.is_null(False) & (Agent.last_seen_at >= online_since())
+        if tokens.enabled:
+            # An agent without a push secret has no valid token either, and would reject
+            # an unsigned wake-up.
+            pushed &= Agent.push_secret.is_null(False)
+        targets = [PushTarget(agent.id, agent.push_url, agent.push_secret)
+                   for agent in Agent.select().where(pushed).order_by(Agent.id)]
+        pusher.push(task.id, targets)
         body = dict(task_json(task), command_id=task.id, created_at=time_text(task.created_at))
         return json_response(body, 201)
 
@@ -220,12 +232,14 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
 
     @app.get("/api/v1/tasks")
     def list_tasks():
+        require_operator(tokens, admin=False)
         # NOTE: not paginated; fine for hundreds of tasks.
         tasks = Task.select().order_by(Task.created_at, Task.id)
         return json_response({"tasks": [task_json(task) for task in tasks]})
 
     @app.get("/api/v1/tasks/<task_id>")
     def show_task(task_id):
+        require_operator(tokens, admin=False)
         task = find_task(task_id)
         return json_response(dict(
             task_json(task),
@@ -235,6 +249,7 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
 
     @app.get("/api/v1/tasks/<task_id>/latest_output")
     def latest_output(task_id):
+        require_operator(tokens, admin=False)
         task = find_task(task_id)
         execution = latest_complete_execution(task, utc_now(), config.agent_timeout, config.report_grace)
         if execution is None:
@@ -272,12 +287,16 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
 
     @app.post("/api/v1/tasks/<task_id>/complete")
     def complete_task(task_id):
+        identity = authenticate(tokens)
         task = find_task(task_id)
         data = read_json_object()
         agent_id = required_string(data, "server_id", 64)
         if not AGENT_ID_PATTERN.fullmatch(agent_id):
             raise api_error(400, "server_id must be 1-64 letters, digits, '.', '_' or '-', "
                                  "starting with a letter or digit", "server_id")
+        refusal = may_report(identity, task, agent_id)
+        if refusal is not None:
+            raise forbidden(refusal)
         stdout = optional_output(data, "stdout", MAX_OUTPUT_LENGTH)
         stderr = optional_output(data, "stderr", MAX_OUTPUT_LENGTH)
         exit_code = optional_exit_code(data)
@@ -331,6 +350,7 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
 
     @app.put("/api/v1/agents/<agent_id>")
     def register_agent(agent_id):
+        require_agent(tokens, agent_id)
         if not AGENT_ID_PATTERN.fullmatch(agent_id):
             raise api_error(400, "agent id must be 1-64 letters, digits, '.', '_' or '-', "
                                  "starting with a letter or digit", "agent_id")
@@ -370,6 +390,7 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
 
     @app.get("/api/v1/agents/<agent_id>/tasks")
     def agent_tasks(agent_id):
+        require_agent(tokens, agent_id)
         if not AGENT_ID_PATTERN.fullmatch(agent_id):
             raise api_error(404, "agent not found: agent ids are 1-64 letters, digits, '.', '_' "
                                  "or '-'", "agent_id")
@@ -382,6 +403,7 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
 
     @app.get("/api/v1/agents")
     def list_agents():
+        require_operator(tokens, admin=False)
         threshold = online_since()
         agents = []
         for agent in Agent.select().order_by(Agent.id):
@@ -433,7 +455,9 @@ def thread_count(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Serve the taskscheduler REST API with waitress.")
+    # Without allow_abbrev=False, --admin-token VALUE would be taken for --admin-token-file.
+    parser = argparse.ArgumentParser(description="Serve the taskscheduler REST API with waitress.",
+                                     allow_abbrev=False)
     parser.add_argument("--host", default=os.environ.get("TASKSCHEDULER_HOST", "127.0.0.1"),
                         help="address to listen on (env TASKSCHEDULER_HOST; default: 127.0.0.1)")
     parser.add_argument("--port", type=port_number, default=os.environ.get("TASKSCHEDULER_PORT", "8080"),
@@ -456,15 +480,81 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report-grace", type=positive_float, default=30.0, metavar="SECONDS",
                         help="an execution is complete at most this long after its period ends, "
                              "even if an expected agent has not reported (default: 30)")
+    parser.add_argument("--admin-token-file", metavar="PATH",
+                        help="file of admin tokens, one per line; they may call every operator "
+                             "endpoint (env TASKSCHEDULER_ADMIN_TOKENS: comma-separated tokens)")
+    parser.add_argument("--read-token-file", metavar="PATH",
+                        help="file of read-only tokens, one per line; they may call the GET "
+                             "endpoints (env TASKSCHEDULER_READ_TOKENS: comma-separated tokens)")
+    parser.add_argument("--enrollment-token-file", metavar="PATH",
+                        help="file of enrollment tokens, one per line; agents enroll with one "
+                             "(env TASKSCHEDULER_ENROLLMENT_TOKEN: comma-separated tokens)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="log level for messages on stderr (default: INFO)")
     return parser
+
+
+TOKEN_HELP = ("generate a token with python -c \"import secrets; print(secrets.token_urlsafe(32))\", "
+              "then give it with --admin-token-file PATH and --enrollment-token-file PATH, or in "
+              "the environment variables TASKSCHEDULER_ADMIN_TOKENS and TASKSCHEDULER_ENROLLMENT_TOKEN")
+
+
+def load_token_config(args: argparse.Namespace) -> TokenConfig:
+    """Read the tokens of the token files and environment variables; raise TokenFileError."""
+    return TokenConfig.from_tokens(
+        admin=read_tokens(args.admin_token_file, "TASKSCHEDULER_ADMIN_TOKENS",
+                          os.environ.get("TASKSCHEDULER_ADMIN_TOKENS")),
+        read=read_tokens(args.read_token_file, "TASKSCHEDULER_READ_TOKENS",
+                         os.environ.get("TASKSCHEDULER_READ_TOKENS")),
+        enrollment=read_tokens(args.enrollment_token_file, "TASKSCHEDULER_ENROLLMENT_TOKEN",
+                               os.environ.get("TASKSCHEDULER_ENROLLMENT_TOKEN")),
+    )
+
+
+def is_loopback_host(host: str) -> bool:
+    """Return whether `host` is a loopback address or the name localhost."""
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def binding_problem(host: str, tokens: TokenConfig) -> Optional[str]:
+    """Return why the server must not listen on `host` with `tokens`, or None.
+
+    Without tokens the API lets anyone create commands that every agent runs, so it may
+    listen only on a loopback address. Elsewhere it needs an admin token, for operators,
+    and an enrollment token, for agents.
+    """
+    if is_loopback_host(host):
+        return None
+    missing = [name for name, digests in (("admin", tokens.admin), ("enrollment", tokens.enrollment))
+               if not digests]
+    if not missing:
+        return None
+    return (f"--host {host} is not a loopback address, and the server has no "
+            f"{' and no '.join(missing)} token: without them anyone who reaches the port could "
+            f"run commands on every agent. Set them: {TOKEN_HELP}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # peewee logs each query with its parameters at DEBUG, and those include push secrets.
+    logging.getLogger("peewee").setLevel(logging.INFO)
+    try:
+        tokens = load_token_config(args)
+    except TokenFileError as error:
+        print(f"server.py: error: {error}", file=sys.stderr)
+        return 2
+    problem = binding_problem(args.host, tokens)
+    if problem is not None:
+        print(f"server.py: error: {problem}", file=sys.stderr)
+        return 2
     url = args.database or sqlite_url(args.data_dir)
     try:
         db = open_database(url)
@@ -472,7 +562,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"server.py: error: cannot open database: {error}", file=sys.stderr)
         return 2
 
-    config = ServerConfig(agent_timeout=args.agent_timeout, report_grace=args.report_grace)
+    config = ServerConfig(agent_timeout=args.agent_timeout, report_grace=args.report_grace,
+                          tokens=tokens)
     app = create_app(config)
     try:
         # Every agent keeps a connection open between syncs, and waitress closes idle ones
@@ -493,6 +584,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     log.info("server %s listening on http://%s:%s, database %s (%s), agent timeout %.0f s, "
              "report grace %.0f s, %d threads", __version__, args.host, server.effective_port,
              db.__class__.__name__, _redact(url), args.agent_timeout, args.report_grace, args.threads)
+    if tokens.enabled:
+        log.info("tokens: %d admin, %d read, %d enrollment; agents use their enrolled tokens",
+                 len(tokens.admin), len(tokens.read), len(tokens.enrollment))
+    else:
+        log.warning("no tokens are set, so the API is unauthenticated: anyone who can reach "
+                    "%s:%s can create commands that every agent runs. This is safe only on this "
+                    "host's loopback address; %s", args.host, server.effective_port, TOKEN_HELP)
     try:
         server.run()
     except KeyboardInterrupt:

@@ -81,8 +81,8 @@ class RecordingPusher:
     def __init__(self):
         self.pushes = []
 
-    def push(self, task, agents):
-        self.pushes.append((task, agents))
+    def push(self, task_id, targets):
+        self.pushes.append((task_id, targets))
 
     def shutdown(self):
         pass

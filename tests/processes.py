@@ -65,11 +65,13 @@ def child_environment() -> dict[str, str]:
 class ManagedProcess:
     """A child process started from a fixed argument list, logging to one file."""
 
-    def __init__(self, name: str, log_path: Path):
+    def __init__(self, name: str, log_path: Path, environment: Optional[dict[str, str]] = None):
         self.name = name
         self.log_path = log_path
         self.process: Optional[subprocess.Popen] = None
         self.starts = 0
+        # Variables set for the child on top of child_environment(), such as tokens.
+        self.environment = dict(environment or {})
 
     def arguments(self) -> list[str]:
         raise NotImplementedError
@@ -82,7 +84,8 @@ class ManagedProcess:
             log_file.write(f"--- start {self.starts}: {' '.join(self.arguments())}\n".encode())
             log_file.flush()
             self.process = subprocess.Popen(
-                [sys.executable, *self.arguments()], cwd=ROOT, env=child_environment(),
+                [sys.executable, *self.arguments()], cwd=ROOT,
+                env=dict(child_environment(), **self.environment),
                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
             )
 
@@ -118,8 +121,8 @@ class ServerProcess(ManagedProcess):
 
     def __init__(self, log_path: Path, database_url: Optional[str] = None,
                  data_dir: Optional[Path] = None, port: Optional[int] = None,
-                 extra_arguments: tuple[str, ...] = ()):
-        super().__init__("server", log_path)
+                 extra_arguments: tuple[str, ...] = (), environment: Optional[dict[str, str]] = None):
+        super().__init__("server", log_path, environment)
         if (database_url is None) == (data_dir is None):
             raise ValueError("give exactly one of database_url and data_dir")
         self.database_url = database_url
@@ -170,8 +173,10 @@ class AgentProcess(ManagedProcess):
 
     def __init__(self, log_path: Path, server_url: str, state_dir: Path,
                  agent_id: Optional[str], listen: Optional[str] = None,
-                 sync_interval: float = 1.0, log_level: str = "INFO"):
-        super().__init__(f"agent {agent_id or state_dir.name}", log_path)
+                 sync_interval: float = 1.0, log_level: str = "INFO",
+                 extra_arguments: tuple[str, ...] = (), environment: Optional[dict[str, str]] = None):
+        super().__init__(f"agent {agent_id or state_dir.name}", log_path, environment)
+        self.extra_arguments = tuple(extra_arguments)
         self.server_url = server_url
         self.state_dir = state_dir
         self.agent_id = agent_id
@@ -193,7 +198,7 @@ class AgentProcess(ManagedProcess):
             arguments += ["--id", self.agent_id]
         if self.listen is not None:
             arguments += ["--listen", self.listen]
-        return arguments
+        return arguments + list(self.extra_arguments)
 
     def start(self) -> "AgentProcess":
         """Start the agent and return once it has opened its state store and logged its settings."""
@@ -228,22 +233,26 @@ class Cluster:
         self.processes: list[ManagedProcess] = []
 
     def server(self, database_url: Optional[str] = None, data_dir: Optional[Path] = None,
-               extra_arguments: tuple[str, ...] = ()) -> ServerProcess:
+               extra_arguments: tuple[str, ...] = (),
+               environment: Optional[dict[str, str]] = None) -> ServerProcess:
         """Start a server; without a database it uses a fresh data directory."""
         if database_url is None and data_dir is None:
             data_dir = self.directory / "server-data"
         server = ServerProcess(self.directory / f"server-{len(self.processes)}.log",
                                database_url=database_url, data_dir=data_dir,
-                               extra_arguments=extra_arguments)
+                               extra_arguments=extra_arguments, environment=environment)
         self.processes.append(server)
         return server.start()
 
     def agent(self, server: ServerProcess, agent_id: str, listen: Optional[str] = None,
-              sync_interval: float = 1.0, log_level: str = "INFO") -> AgentProcess:
+              sync_interval: float = 1.0, log_level: str = "INFO",
+              extra_arguments: tuple[str, ...] = (),
+              environment: Optional[dict[str, str]] = None) -> AgentProcess:
         """Start an agent with its own state directory, named after its id."""
         agent = AgentProcess(self.directory / f"agent-{agent_id}.log", server.url,
                              self.directory / f"state-{agent_id}", agent_id, listen=listen,
-                             sync_interval=sync_interval, log_level=log_level)
+                             sync_interval=sync_interval, log_level=log_level,
+                             extra_arguments=extra_arguments, environment=environment)
         self.processes.append(agent)
         return agent.start()
 
@@ -258,9 +267,11 @@ class Cluster:
 class Api:
     """A client of the server's REST API that raises on unexpected status codes."""
 
-    def __init__(self, base_url: str):
+    def __init__(self, base_url: str, token: Optional[str] = None):
         self.base_url = base_url.rstrip("/")
         self.session = requests.Session()
+        if token is not None:
+            self.session.headers["Authorization"] = f"Bearer {token}"
 
     def _check(self, response: requests.Response, expected: int) -> dict:
         if response.status_code != expected:

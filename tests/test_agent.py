@@ -1,5 +1,5 @@
 """Tests of the agent's parts: the state store, the agent id, the task scheduler, the
-runner and the push listener.
+runner and the state directory lock. tests/test_push_listener.py tests the push listener.
 
 They use real SQLite files, real /bin/sh subprocesses and real HTTP on 127.0.0.1. Only
 the clock is faked, and only in the tests that pass a FakeClock.
@@ -17,7 +17,6 @@ import threading
 import time
 
 import pytest
-import requests
 import schedule
 
 import agent
@@ -773,136 +772,6 @@ def test_runner_times_exit_despite_background_child(runner, monkeypatch, pidfd):
     assert (result.finished_at - result.started_at).total_seconds() < 1.0
     assert result.stdout == "started\n"
     assert result.status == "succeeded"
-
-
-# ---------------------------------------------------------------------------
-# Push listener
-# ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def push(make_agent):
-    """A real Agent (never run) with its push listener on 127.0.0.1; yields (agent, URL)."""
-    pushed_agent = make_agent(agent_id="push-test")
-    listener = agent.start_push_listener(pushed_agent, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{listener.server_address[1]}/api/v1/tasks/schedule"
-    yield pushed_agent, url
-    listener.shutdown()
-    listener.server_close()
-
-
-@pytest.fixture
-def http():
-    """A requests session that ignores proxy settings from the environment."""
-    session = requests.Session()
-    session.trust_env = False
-    yield session
-    session.close()
-
-
-TASK_JSON = {"task_id": "t1", "command": "echo hi", "frequency": "every 5 minutes"}
-
-
-def test_push_stores_new_task(push, http):
-    pushed_agent, url = push
-
-    response = http.post(url, json=TASK_JSON, timeout=5)
-
-    assert response.status_code == 200
-    assert response.json() == {"task_id": "t1", "agent_id": "push-test", "result": "added"}
-    assert pushed_agent.store.tasks() == [Task("t1", "echo hi", "every 5 minutes")]
-
-
-def test_push_plans_new_task(push, http):
-    pushed_agent, url = push
-
-    http.post(url, json=TASK_JSON, timeout=5)
-    pushed_agent.scheduler.run_pending()
-
-    assert list(pushed_agent.scheduler.planned()) == ["t1"]
-
-
-def test_push_same_task_unchanged(push, http):
-    _pushed_agent, url = push
-    http.post(url, json=TASK_JSON, timeout=5)
-
-    response = http.post(url, json=TASK_JSON, timeout=5)
-
-    assert response.status_code == 200
-    assert response.json()["result"] == "unchanged"
-
-
-def test_push_changed_task_replaced(push, http):
-    pushed_agent, url = push
-    http.post(url, json=TASK_JSON, timeout=5)
-
-    response = http.post(url, json=dict(TASK_JSON, command="echo changed"), timeout=5)
-
-    assert response.status_code == 200
-    assert response.json()["result"] == "replaced"
-    assert pushed_agent.store.tasks() == [Task("t1", "echo changed", "every 5 minutes")]
-
-
-def test_push_rejects_bad_json(push, http):
-    pushed_agent, url = push
-
-    response = http.post(url, data=b"{not json", timeout=5,
-                         headers={"Content-Type": "application/json"})
-
-    assert response.status_code == 400
-    assert response.headers["Content-Type"] == "application/json"
-    assert "not valid JSON" in response.json()["error"]
-    assert pushed_agent.store.tasks() == []
-
-
-def test_push_rejects_bad_frequency(push, http):
-    pushed_agent, url = push
-
-    response = http.post(url, json=dict(TASK_JSON, frequency="sometimes"), timeout=5)
-
-    assert response.status_code == 400
-    assert response.headers["Content-Type"] == "application/json"
-    assert "'sometimes'" in response.json()["error"]
-    assert pushed_agent.store.tasks() == []
-
-
-def test_push_rejects_missing_field(push, http):
-    _pushed_agent, url = push
-
-    response = http.post(url, json={"task_id": "t1", "command": "echo hi"}, timeout=5)
-
-    assert response.status_code == 400
-    assert response.json()["field"] == "frequency"
-
-
-def test_push_unknown_path_is_404(push, http):
-    _pushed_agent, url = push
-
-    response = http.post(url.replace("/schedule", "/other"), json=TASK_JSON, timeout=5)
-
-    assert response.status_code == 404
-    assert response.headers["Content-Type"] == "application/json"
-    assert "POST /api/v1/tasks/schedule" in response.json()["error"]
-
-
-def test_push_get_is_405(push, http):
-    _pushed_agent, url = push
-
-    response = http.get(url, timeout=5)
-
-    assert response.status_code == 405
-    assert response.headers["Content-Type"] == "application/json"
-    assert "error" in response.json()
-
-
-def test_push_rejects_wrong_content_type(push, http):
-    pushed_agent, url = push
-
-    response = http.post(url, data='{"task_id": "t1"}', headers={"Content-Type": "text/plain"},
-                         timeout=5)
-
-    assert response.status_code == 415
-    assert pushed_agent.store.tasks() == []
 
 
 # ---------------------------------------------------------------------------

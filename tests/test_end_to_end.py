@@ -74,7 +74,7 @@ def log_after_last_start(process) -> str:
 
 def listener_url(log: str) -> Optional[str]:
     """Return the push listener's base URL from an agent log, as the listener bound it."""
-    match = re.search(r"push listener on (http://127\.0\.0\.1:\d+)/api/v1/tasks/schedule", log)
+    match = re.search(r"push listener on (http://127\.0\.0\.1:\d+)/api/v1/sync", log)
     return match.group(1) if match else None
 
 
@@ -191,7 +191,7 @@ def test_agent_without_listener_pulls_task(cluster):
     body = wait_for_output(api, cluster, task_id, timeout=8.0)
 
     assert output_agent_ids(body) == ["puller"], f"{body}\n{cluster.log_tails()}"
-    assert "by push" not in agent.log_text(), agent.log_tail()
+    assert "wake-up" not in agent.log_text(), agent.log_tail()
 
 
 def test_pushed_task_starts_before_pull(cluster):
@@ -200,7 +200,7 @@ def test_pushed_task_starts_before_pull(cluster):
     agent = cluster.agent(server, "listener", listen="127.0.0.1:0", sync_interval=30.0,
                           log_level="DEBUG")
     # After its first sync the agent pulls again only in 30 s, so a task it runs sooner
-    # reached it through the push listener.
+    # came from the sync that the server's wake-up started.
     wait_until(lambda: "sync: 0 tasks" in agent.log_text(), 10.0,
                lambda: f"agent listener did not finish its first sync\n{cluster.log_tails()}")
 
@@ -208,8 +208,8 @@ def test_pushed_task_starts_before_pull(cluster):
     body = wait_for_output(api, cluster, task_id, timeout=6.0)
 
     assert output_agent_ids(body) == ["listener"], f"{body}\n{cluster.log_tails()}"
-    assert f"task {task_id} added by push" in agent.log_text(), agent.log_tail()
-    assert agent.log_text().count("sync: ") == 1, agent.log_tail()
+    assert "wake-up from the server (unsigned), syncing now" in agent.log_text(), agent.log_tail()
+    assert agent.log_text().count("sync: ") == 2, agent.log_tail()
 
 
 def test_push_reaches_restarted_agent(cluster):
@@ -230,7 +230,7 @@ def test_push_reaches_restarted_agent(cluster):
     assert api.agents()[0]["push_url"] == listener_url(log_after_last_start(agent)), \
         f"{api.agents()}\n{cluster.log_tails()}"
     assert output_agent_ids(body) == ["mover"], f"{body}\n{cluster.log_tails()}"
-    assert f"task {task_id} added by push" in log_after_last_start(agent), agent.log_tail()
+    assert "wake-up from the server" in log_after_last_start(agent), agent.log_tail()
 
 
 def test_restarted_agent_keeps_id_and_tasks(cluster):

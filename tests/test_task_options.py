@@ -10,10 +10,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import threading
 import time
 import uuid
 
 import pytest
+import waitress
 import webtest
 from playhouse.db_url import connect
 
@@ -140,38 +142,33 @@ def test_agent_list_accepted_by_agent(app):
         assert agent.Task.from_json(item).to_json() == item
 
 
-def test_pushed_task_accepted_by_agent(app, pusher):
-    app.put_json("/api/v1/agents/web-1", {"push_url": "http://127.0.0.1:9/"})
-    created = create_task(app, **OPTIONS)
-
-    pushed_task = pusher.pushes[0][0]
-
-    assert pushed_task["task_id"] == created["task_id"]
-    assert agent.Task.from_json(pushed_task).to_json() == pushed_task
-
-
 def test_push_reaches_real_agent(db, config, tmp_path):
-    """The real TaskPusher posts the task to a real agent's push listener."""
-    listening_agent = agent.Agent(server_url="http://127.0.0.1:9", state_dir=str(tmp_path / "agent"),
+    """The real TaskPusher wakes a real agent, whose sync then fetches the task with its options."""
+    pusher = server.TaskPusher(timeout=5.0)
+    http_server = waitress.create_server(server.create_app(config, pusher=pusher), host="127.0.0.1",
+                                         port=0, threads=2)
+    threading.Thread(target=http_server.run, daemon=True).start()
+    server_url = f"http://127.0.0.1:{http_server.effective_port}"
+    listening_agent = agent.Agent(server_url=server_url, state_dir=str(tmp_path / "agent"),
                                   agent_id="push-1")
     listener = agent.start_push_listener(listening_agent, "127.0.0.1", 0)
-    pusher = server.TaskPusher(timeout=5.0)
-    app = webtest.TestApp(server.create_app(config, pusher=pusher))
     try:
-        app.put_json("/api/v1/agents/push-1",
-                     {"push_url": f"http://127.0.0.1:{listener.server_address[1]}"})
-        created = create_task(app, **OPTIONS)
+        listening_agent.push_url = f"http://127.0.0.1:{listener.server_address[1]}"
+        assert listening_agent.sync_once()
+        created = create_task(webtest.TestApp(server.create_app(config, pusher=pusher)), **OPTIONS)
 
-        arrived = wait_for(lambda: listening_agent.store.tasks())
+        woken = listening_agent._sync_requested.wait(10.0)
+        assert listening_agent.sync_once()
         stored = listening_agent.store.tasks()
     finally:
         pusher.shutdown()
         listener.shutdown()
         listener.server_close()
+        http_server.close()
         listening_agent.wait_for_runs()
         listening_agent.store.close()
 
-    assert arrived
+    assert woken
     assert stored == [agent.Task.from_json({key: created[key] for key in TASK_FIELDS})]
     assert stored[0].timezone == "Europe/Berlin"
     assert stored[0].overlap == "replace"
@@ -555,6 +552,7 @@ OLD_SCHEMA = {
 NEW_COLUMNS = {
     "task": ["timezone", "catchup", "overlap", "jitter", "timeout"],
     "result": ["missed_slots", "first_missed", "late", "reason"],
+    "agent": ["token_hash", "push_secret", "enrolled_at"],
 }
 OLD_TASK_ID = "6f1c1f0e-5b7a-4c52-9a3e-0d2a7b6c1e11"
 
@@ -609,7 +607,7 @@ def test_upgrade_adds_columns(old_database_url):
         database.close()
 
     for table, names in NEW_COLUMNS.items():
-        model = {"task": models.Task, "result": models.Result}[table]
+        model = {"task": models.Task, "result": models.Result, "agent": models.Agent}[table]
         for name in names:
             assert name in columns[table], (table, name)
             assert columns[table][name].null == model._meta.columns[name].null, (table, name)

@@ -1,0 +1,386 @@
+"""Tokens on the REST API: operator tokens, enrollment, agent tokens and what each may do.
+
+Every test runs against the real bottle app on a fresh SQLite file and on a fresh
+PostgreSQL schema, with a server that has one token of each operator kind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import webtest
+
+import auth
+import models
+import server
+
+ADMIN = "admin-token-0123456789abcdef"
+READ = "read-token-0123456789abcdef"
+ENROLL = "enrollment-token-0123456789abcdef"
+SLOT_FREE_REPORT = {"stdout": "ok\n", "exit_code": 0}
+
+
+@pytest.fixture
+def config():
+    tokens = auth.TokenConfig.from_tokens(admin=[ADMIN], read=[READ], enrollment=[ENROLL])
+    return server.ServerConfig(tokens=tokens)
+
+
+def bearer(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+def enroll(app, agent_id, token=ENROLL, status=201):
+    return app.post(f"/api/v1/agents/{agent_id}/enroll", headers=bearer(token), status=status)
+
+
+def enrolled_agent(app, agent_id):
+    """Enroll and register `agent_id`; return its agent token."""
+    agent_token = enroll(app, agent_id).json["agent_token"]
+    app.put_json(f"/api/v1/agents/{agent_id}", {}, headers=bearer(agent_token))
+    return agent_token
+
+
+def create_task(app, token=ADMIN, status=201):
+    return app.post_json("/api/v1/tasks/create", {"command": "echo hi", "frequency": "every 5 minutes"},
+                         headers=bearer(token), status=status)
+
+
+def report(app, task_id, agent_id, token, status=201):
+    return app.post_json(f"/api/v1/tasks/{task_id}/complete", dict(SLOT_FREE_REPORT, server_id=agent_id),
+                         headers=bearer(token), status=status)
+
+
+def assert_401(response):
+    assert response.status_int == 401
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert response.content_type == "application/json"
+    assert set(response.json) <= {"error", "field"}
+    assert response.json["error"]
+
+
+PROTECTED = [
+    ("GET", "/api/v1/tasks"),
+    ("GET", "/api/v1/tasks/0fc8e2b2-bc76-4da9-aa06-6ad895c1fdae"),
+    ("GET", "/api/v1/tasks/0fc8e2b2-bc76-4da9-aa06-6ad895c1fdae/latest_output"),
+    ("GET", "/api/v1/agents"),
+    ("GET", "/api/v1/agents/web-1/tasks"),
+    ("PUT", "/api/v1/agents/web-1"),
+    ("POST", "/api/v1/tasks/create"),
+    ("POST", "/api/v1/tasks/0fc8e2b2-bc76-4da9-aa06-6ad895c1fdae/complete"),
+    ("POST", "/api/v1/agents/web-1/enroll"),
+    ("DELETE", "/api/v1/agents/web-1/token"),
+]
+
+
+# ---------------------------------------------------------------------------
+# Operator tokens
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method, path", PROTECTED, ids=[f"{m} {p}" for m, p in PROTECTED])
+@pytest.mark.parametrize("header", [None, "Bearer", "Basic YWRtaW46YWRtaW4=", "Bearer a b",
+                                    "Bearer wrong-token-0123456789abcdef", f"Token {ADMIN}"],
+                         ids=["missing", "empty-bearer", "basic", "two-words", "unknown", "wrong-scheme"])
+def test_request_without_valid_token_is_401(app, method, path, header):
+    headers = {"Authorization": header} if header is not None else {}
+
+    response = app.request(path, method=method, headers=headers, expect_errors=True,
+                           content_type="application/json", body=b"{}")
+
+    assert_401(response)
+
+
+def test_healthz_needs_no_token(app):
+    assert app.get("/healthz").json == {"status": "ok"}
+
+
+@pytest.mark.parametrize("path", ["/api/v1/tasks", "/api/v1/agents"])
+def test_read_token_reads_lists(app, path):
+    assert app.get(path, headers=bearer(READ)).status_int == 200
+
+
+def test_read_token_reads_task_and_output(app):
+    task_id = create_task(app).json["task_id"]
+
+    shown = app.get(f"/api/v1/tasks/{task_id}", headers=bearer(READ))
+    output = app.get(f"/api/v1/tasks/{task_id}/latest_output", headers=bearer(READ))
+
+    assert shown.json["task_id"] == task_id
+    assert output.json["outputs"] == []
+
+
+def test_read_token_cannot_create(app, pusher):
+    response = create_task(app, token=READ, status=403)
+
+    assert "admin token" in response.json["error"]
+    assert app.get("/api/v1/tasks", headers=bearer(ADMIN)).json["tasks"] == []
+    assert pusher.pushes == []
+
+
+def test_admin_token_creates_and_reads(app):
+    task_id = create_task(app).json["task_id"]
+
+    listed = app.get("/api/v1/tasks", headers=bearer(ADMIN)).json["tasks"]
+
+    assert [task["task_id"] for task in listed] == [task_id]
+
+
+def test_bearer_scheme_case_insensitive(app):
+    assert app.get("/api/v1/tasks", headers={"Authorization": f"bearer {READ}"}).status_int == 200
+
+
+@pytest.mark.parametrize("token", [ENROLL, "agent"], ids=["enrollment", "agent"])
+def test_non_operator_token_cannot_read(app, token):
+    if token == "agent":
+        token = enrolled_agent(app, "web-1")
+
+    response = app.get("/api/v1/tasks", headers=bearer(token), status=403)
+
+    assert "admin or read token" in response.json["error"]
+
+
+def test_open_server_needs_no_token(db, pusher):
+    open_app = webtest.TestApp(server.create_app(server.ServerConfig(), pusher=pusher))
+
+    created = open_app.post_json("/api/v1/tasks/create", {"command": "true", "frequency": "1m"})
+
+    assert created.status_int == 201
+    assert open_app.put_json("/api/v1/agents/web-1", {}).status_int == 201
+
+
+# ---------------------------------------------------------------------------
+# Enrollment
+# ---------------------------------------------------------------------------
+
+
+def test_enroll_returns_credentials(app):
+    response = enroll(app, "web-1")
+
+    assert set(response.json) == {"agent_id", "agent_token", "push_secret"}
+    assert response.json["agent_id"] == "web-1"
+    assert len(response.json["agent_token"]) >= 43
+    assert response.json["agent_token"] != response.json["push_secret"]
+
+
+def test_enroll_stores_only_token_hash(app):
+    agent_token = enroll(app, "web-1").json["agent_token"]
+
+    row = models.Agent.get(models.Agent.id == "web-1")
+
+    assert row.token_hash == hashlib.sha256(agent_token.encode()).hexdigest()
+    stored = [str(value) for value in row.__data__.values()]
+    assert not any(agent_token in value for value in stored)
+
+
+@pytest.mark.parametrize("token, status", [(READ, 403), ("agent", 403)], ids=["read", "agent"])
+def test_enroll_needs_enrollment_token(app, token, status):
+    if token == "agent":
+        token = enrolled_agent(app, "web-0")
+
+    enroll(app, "web-1", token=token, status=status)
+
+    assert models.Agent.get_or_none(models.Agent.id == "web-1") is None
+
+
+def test_enroll_rejects_invalid_id(app):
+    response = app.post("/api/v1/agents/-bad/enroll", headers=bearer(ENROLL), status=400)
+
+    assert response.json["field"] == "agent_id"
+
+
+def test_reenroll_enrolled_id_rejected(app):
+    first_token = enrolled_agent(app, "web-1")
+
+    response = enroll(app, "web-1", status=409)
+
+    assert "DELETE /api/v1/agents/web-1/token" in response.json["error"]
+    assert app.get("/api/v1/agents/web-1/tasks", headers=bearer(first_token)).status_int == 200
+
+
+def test_revoked_agent_enrolls_again(app):
+    old_token = enrolled_agent(app, "web-1")
+
+    app.delete("/api/v1/agents/web-1/token", headers=bearer(ADMIN))
+    refused = app.get("/api/v1/agents/web-1/tasks", headers=bearer(old_token), expect_errors=True)
+    new_token = enroll(app, "web-1").json["agent_token"]
+
+    assert_401(refused)
+    assert new_token != old_token
+    assert app.get("/api/v1/agents/web-1/tasks", headers=bearer(new_token)).status_int == 200
+
+
+@pytest.mark.parametrize("token", [READ, ENROLL], ids=["read", "enrollment"])
+def test_revoke_needs_admin(app, token):
+    agent_token = enrolled_agent(app, "web-1")
+
+    app.delete("/api/v1/agents/web-1/token", headers=bearer(token), status=403)
+
+    assert app.get("/api/v1/agents/web-1/tasks", headers=bearer(agent_token)).status_int == 200
+
+
+def test_revoke_unknown_agent_is_404(app):
+    app.delete("/api/v1/agents/nobody/token", headers=bearer(ADMIN), status=404)
+
+
+def test_agent_registered_before_tokens_enrolls(app):
+    models.Agent.create(id="old-1")
+
+    agent_token = enroll(app, "old-1").json["agent_token"]
+
+    assert app.put_json("/api/v1/agents/old-1", {}, headers=bearer(agent_token)).status_int == 200
+
+
+def test_open_server_has_no_enrollment(db, pusher):
+    open_app = webtest.TestApp(server.create_app(server.ServerConfig(), pusher=pusher))
+
+    response = open_app.post("/api/v1/agents/web-1/enroll", status=404)
+
+    assert "without tokens" in response.json["error"]
+
+
+# ---------------------------------------------------------------------------
+# Agent tokens
+# ---------------------------------------------------------------------------
+
+
+def test_agent_registers_and_fetches_as_itself(app):
+    agent_token = enrolled_agent(app, "web-1")
+    create_task(app)
+
+    tasks = app.get("/api/v1/agents/web-1/tasks", headers=bearer(agent_token)).json["tasks"]
+
+    assert len(tasks) == 1
+
+
+@pytest.mark.parametrize("method", ["PUT", "GET"])
+def test_agent_cannot_act_as_other(app, method):
+    agent_token = enrolled_agent(app, "web-1")
+    enrolled_agent(app, "web-2")
+    path = "/api/v1/agents/web-2" if method == "PUT" else "/api/v1/agents/web-2/tasks"
+
+    response = app.request(path, method=method, headers=bearer(agent_token), body=b"{}",
+                           content_type="application/json", expect_errors=True)
+
+    assert response.status_int == 403
+    assert "only agent web-2 itself" in response.json["error"]
+
+
+@pytest.mark.parametrize("token", [ADMIN, READ, ENROLL], ids=["admin", "read", "enrollment"])
+def test_operator_token_cannot_act_as_agent(app, token):
+    enrolled_agent(app, "web-1")
+
+    app.put_json("/api/v1/agents/web-1", {}, headers=bearer(token), status=403)
+    app.get("/api/v1/agents/web-1/tasks", headers=bearer(token), status=403)
+
+
+def test_complete_as_itself_stored(app):
+    agent_token = enrolled_agent(app, "web-1")
+    task_id = create_task(app).json["task_id"]
+
+    response = report(app, task_id, "web-1", agent_token)
+
+    assert response.json["agent_id"] == "web-1"
+
+
+def test_complete_rejects_other_agent(app):
+    agent_token = enrolled_agent(app, "web-1")
+    enrolled_agent(app, "web-2")
+    task_id = create_task(app).json["task_id"]
+
+    response = report(app, task_id, "web-2", agent_token, status=403)
+
+    assert "another agent" in response.json["error"]
+    assert models.Result.select().count() == 0
+
+
+@pytest.mark.parametrize("token", [ADMIN, READ, ENROLL], ids=["admin", "read", "enrollment"])
+def test_complete_rejects_operator_token(app, token):
+    enrolled_agent(app, "web-1")
+    task_id = create_task(app).json["task_id"]
+
+    response = report(app, task_id, "web-1", token, status=403)
+
+    assert "own token" in response.json["error"]
+    assert models.Result.select().count() == 0
+
+
+def test_complete_unknown_task_stays_404(app):
+    agent_token = enrolled_agent(app, "web-1")
+
+    response = report(app, "0fc8e2b2-bc76-4da9-aa06-6ad895c1fdae", "web-1", agent_token, status=404)
+
+    assert response.json["field"] == "task_id"
+
+
+def test_complete_unknown_task_without_token_is_401(app):
+    response = app.post_json("/api/v1/tasks/0fc8e2b2-bc76-4da9-aa06-6ad895c1fdae/complete",
+                             dict(SLOT_FREE_REPORT, server_id="web-1"), expect_errors=True)
+
+    assert_401(response)
+
+
+def test_may_report_unassigned_task():
+    """The one check that decides whether an agent may report a task."""
+    task = models.Task(id="0fc8e2b2-bc76-4da9-aa06-6ad895c1fdae")
+
+    assert auth.may_report(auth.Identity("agent", "web-1"), task, "web-1") is None
+    assert auth.may_report(auth.Identity("agent", "web-1"), task, "web-2") is not None
+    assert auth.may_report(auth.Identity("admin"), task, "web-1") is not None
+    assert auth.may_report(auth.OPEN, task, "web-1") is None
+
+
+def test_create_wakes_only_enrolled_agents(app, pusher):
+    agent_token = enroll(app, "web-1").json["agent_token"]
+    app.put_json("/api/v1/agents/web-1", {"push_url": "http://127.0.0.1:9/"}, headers=bearer(agent_token))
+    models.Agent.create(id="old-1", push_url="http://127.0.0.1:10/")
+
+    task_id = create_task(app).json["task_id"]
+
+    [(pushed_task_id, targets)] = pusher.pushes
+    row = models.Agent.get(models.Agent.id == "web-1")
+    assert pushed_task_id == task_id
+    assert targets == [("web-1", "http://127.0.0.1:9/", row.push_secret)]
+
+
+# ---------------------------------------------------------------------------
+# Token files and variables
+# ---------------------------------------------------------------------------
+
+
+def test_token_file_skips_comments_and_blanks(tmp_path):
+    path = tmp_path / "admin-tokens"
+    path.write_text(f"# operators\n\n  {ADMIN}  \n# old: revoked\n{READ}\n")
+
+    assert auth.read_tokens(str(path), "X", None) == [ADMIN, READ]
+
+
+def test_token_variable_is_comma_separated():
+    assert auth.read_tokens(None, "X", f"{ADMIN}, {READ},") == [ADMIN, READ]
+
+
+@pytest.mark.parametrize("text", ["short", "has space inside-0123456789", "tab\there-0123456789abc"],
+                         ids=["short", "space", "tab"])
+def test_invalid_token_rejected_without_echo(tmp_path, text):
+    path = tmp_path / "tokens"
+    path.write_text(f"# comment\n{text}\n")
+
+    with pytest.raises(auth.TokenFileError) as raised:
+        auth.read_tokens(str(path), "X", None)
+
+    assert "token 2 of" in str(raised.value)
+    assert text not in str(raised.value)
+
+
+def test_missing_token_file_rejected(tmp_path):
+    with pytest.raises(auth.TokenFileError, match="cannot read token file"):
+        auth.read_tokens(str(tmp_path / "absent"), "X", None)
+
+
+def test_digest_in_checks_every_digest():
+    digests = tuple(auth.token_digest(token) for token in (ADMIN, READ))
+
+    assert auth.digest_in(auth.token_digest(READ), digests)
+    assert not auth.digest_in(auth.token_digest(ENROLL), digests)
+    assert not auth.digest_in(auth.token_digest(READ), ())
