@@ -2185,6 +2185,37 @@ class Agent:
 # ---------------------------------------------------------------------------
 
 
+# C0 and C1 control characters and the Unicode line and paragraph separators.
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(value: object) -> str:
+    """Return `value` as text for a log line, with control characters escaped as Python does.
+
+    A line feed becomes the two characters `\\n`, so a value sent by a client cannot start
+    a forged log line.
+    """
+    return CONTROL_CHARACTERS.sub(lambda match: ascii(match.group())[1:-1], str(value))
+
+
+class EscapingFormatter(logging.Formatter):
+    """A log formatter that escapes control characters in every message (see `printable`).
+
+    Tracebacks are appended after the escaping and keep their line breaks.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - name fixed by the base class
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+
+def configure_logging(level: str) -> None:
+    """Send log records of `level` and above to stderr, one escaped line each."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+
+
 class PushHandler(http.server.BaseHTTPRequestHandler):
     """Accepts `POST /api/v1/tasks/schedule` from the server."""
 
@@ -2193,7 +2224,9 @@ class PushHandler(http.server.BaseHTTPRequestHandler):
     MAX_BODY_BYTES = 64 * 1024
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - name fixed by the base class
-        log.debug("push listener: " + format, *args)
+        # The request line and headers come from the caller, so their control characters
+        # are escaped before they reach the log.
+        log.debug("push listener: %s", printable(format % args))
 
     def _send_json(self, status: int, body: dict) -> None:
         data = json.dumps(body).encode()
@@ -2349,8 +2382,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     if not args.server:
         print("agent.py: error: --server is required (or set TASKSCHEDULER_SERVER)", file=sys.stderr)
         return 2
