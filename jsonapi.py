@@ -31,9 +31,9 @@ MAX_PUSH_URL_LENGTH = 2048
 MAX_HOSTNAME_LENGTH = 255
 MAX_PLATFORM_LENGTH = 255
 MAX_VERSION_LENGTH = 64
-# The characters that str.isspace() and str.strip() count as white space, spelled out so
-# that this class means the same in Python patterns and in the ECMA-262 patterns of the
-# OpenAPI document (their `\s` classes differ, for example on U+0085 and U+FEFF).
+# The characters that str.isspace() and str.strip() count as white space. They are spelled
+# out because `\s` means other characters in ECMA-262 than in Python (U+0085, U+FEFF), and
+# this class must mean the same in the server and in the OpenAPI document.
 WHITESPACE_CLASS = ("\\t\\n\\x0b\\x0c\\r\\x1c-\\x20\\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029"
                     "\\u202f\\u205f\\u3000")
 # An http(s) URL without white space or control characters.
@@ -83,7 +83,7 @@ def render_http_error(error: bottle.HTTPError) -> str:
 class JsonErrorTask(waitress.task.ErrorTask):
     """Sends waitress's own error responses in the API's JSON error shape.
 
-    waitress answers these before the application sees the request: a body over its
+    waitress sends these before the application gets the request: a body over its
     `max_request_body_size` (413, decided from Content-Length before the body is read, or
     as soon as a chunked body passes the limit), a malformed request (400), headers that
     are too large (431), an unsupported Transfer-Encoding (501), and a failure inside

@@ -1,8 +1,9 @@
 """The OpenAPI 3.1 description of the server's REST API, served at GET /api/v1/openapi.json.
 
 The document is written by hand. Request schemas state the checks that `server.py` and
-`jsonapi.py` enforce (types, required fields, lengths, enums); cross-field rules, such as
-`missed_slots` being allowed only with status `missed`, are stated in descriptions.
+`jsonapi.py` enforce: types, required fields, lengths and enums. Rules that JSON Schema
+cannot state, such as `missed_slots` being allowed only with status `missed`, are in
+descriptions.
 `tests/test_openapi.py` checks that every route is described and every described
 operation has a route, and `tests/test_schemathesis.py` checks the live server against
 this document.
@@ -29,8 +30,7 @@ OPENAPI_PATH = "/api/v1/openapi.json"
 # JSON Schema patterns are ECMA-262 expressions that match anywhere in the string.
 AGENT_ID_REGEX = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 TASK_ID_REGEX = "^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$"
-# A string with at least one character that is not white space (as str.strip() sees it),
-# and no NUL.
+# A string with at least one character that str.strip() keeps, and no NUL.
 TEXT_REGEX = f"^[^\\u0000]*[^{WHITESPACE_CLASS}\\u0000][^\\u0000]*$"
 NO_NUL_REGEX = "^[^\\u0000]*$"
 BASE64_REGEX = "^[A-Za-z0-9+/]*={0,2}$"
@@ -154,7 +154,7 @@ def operation(operation_id: str, summary: str, security: list, responses: dict,
 
 SECONDS = {"type": "number"}
 TIMESTAMP = {"type": "string", "pattern": TIMESTAMP_REGEX,
-             "description": "RFC 3339 in UTC with a trailing Z, such as 2026-01-01T12:00:00Z"}
+             "description": "RFC 3339 with an offset, such as 2026-01-01T12:00:00Z"}
 ENVIRONMENT = {
     "type": "object",
     "maxProperties": MAX_ENVIRONMENT_ENTRIES,

@@ -214,7 +214,7 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
     @app.route("/api/v1/tasks/create", method=["GET", "ANY"])
     def create_task_wrong_method():
         # Without the GET route, GET would match /api/v1/tasks/<task_id> and return 404.
-        # The ANY route answers every other method, so bottle's own 405 never lists GET
+        # The ANY route takes every other method, so bottle's own 405 never lists GET
         # in its Allow header for this path.
         response = api_error(405, f"method {bottle.request.method} is not allowed on "
                                   "/api/v1/tasks/create; allowed: POST")

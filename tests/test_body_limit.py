@@ -19,7 +19,7 @@ from processes import ServerProcess
 
 pytestmark = pytest.mark.e2e
 
-# The server must answer well before a client could have sent the rest of the body.
+# The server must respond well before a client could have sent the rest of the body.
 ANSWER_TIMEOUT_SECONDS = 5.0
 
 

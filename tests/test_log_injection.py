@@ -1,7 +1,7 @@
 """No value a client sends can forge a log line: control characters are escaped.
 
 A real server process logs to a file while requests carry CR, LF and other control
-characters in ids, paths, commands and agent details; every line of its log must
+characters in ids, paths, commands and agent details. Every line of its log must
 still start with a timestamp. The agent's push listener and the shared log formatter
 are checked in process.
 """

@@ -1,8 +1,8 @@
 """The OpenAPI document at /api/v1/openapi.json, and the input rules it states.
 
-Every route must be described and every described operation must have a route; body
-rules that the document states (unknown fields ignored, 405 with Allow, 404, 415, JSON
-errors) must hold on every endpoint.
+Every route must be described, and every described operation must have a route. The
+body rules that the document states must hold on every endpoint: unknown fields
+ignored, 405 with Allow, 404, 415 and JSON errors.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ BODY_OPERATIONS = [
     ("POST", "/api/v1/tasks/{task_id}/complete"),
     ("PUT", "/api/v1/agents/{agent_id}"),
 ]
-# Routes that exist only to answer 405 for a path that another route would shadow.
+# Routes that exist only to return 405 for a path that another route would shadow.
 WRONG_METHOD_ROUTES = {("GET", "/api/v1/tasks/create"), ("ANY", "/api/v1/tasks/create")}
 
 

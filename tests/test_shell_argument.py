@@ -1,6 +1,6 @@
 """A task's command reaches the shell as one argument, `/bin/sh -c COMMAND`, byte for byte.
 
-The shell reads its own argument vector from /proc, so the test sees exactly what
+The shell reads its own argument vector from /proc, so the test reads exactly what
 the agent passed, including quotes, `;`, `$()`, backticks and newlines. The command is
 never spliced into another string.
 """
