@@ -2625,6 +2625,37 @@ class PushVerifier:
         return None
 
 
+# C0 and C1 control characters and the Unicode line and paragraph separators.
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(value: object) -> str:
+    """Return `value` as text for a log line, with control characters escaped as Python does.
+
+    A line feed becomes the two characters `\\n`, so a value sent by a client cannot start
+    a forged log line.
+    """
+    return CONTROL_CHARACTERS.sub(lambda match: ascii(match.group())[1:-1], str(value))
+
+
+class EscapingFormatter(logging.Formatter):
+    """A log formatter that escapes control characters in every message (see `printable`).
+
+    Tracebacks are appended after the escaping and keep their line breaks.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - name fixed by the base class
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+
+def configure_logging(level: str) -> None:
+    """Send log records of `level` and above to stderr, one escaped line each."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+
+
 class PushHandler(http.server.BaseHTTPRequestHandler):
     """Accepts `POST /api/v1/sync`, the server's wake-up, and makes the agent sync now.
 
@@ -2639,12 +2670,16 @@ class PushHandler(http.server.BaseHTTPRequestHandler):
     MAX_BODY_BYTES = 64 * 1024
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - name fixed by the base class
-        log.debug("push listener: " + format, *args)
+        # The request line and headers come from the caller, so their control characters
+        # are escaped before they reach the log.
+        log.debug("push listener: %s", printable(format % args))
 
-    def _send_json(self, status: int, body: dict) -> None:
+    def _send_json(self, status: int, body: dict, headers: Optional[dict] = None) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
@@ -2691,7 +2726,7 @@ class PushHandler(http.server.BaseHTTPRequestHandler):
         self._send_json(202, {"agent_id": self.agent.agent_id, "result": "sync requested"})
 
     def do_GET(self) -> None:  # noqa: N802 - name fixed by the base class
-        self._send_json(405, {"error": f"use POST {WAKEUP_PATH}"})
+        self._send_json(405, {"error": f"use POST {WAKEUP_PATH}"}, {"Allow": "POST"})
 
     do_PUT = do_DELETE = do_PATCH = do_HEAD = do_GET  # noqa: N815 - names fixed by the base class
 
@@ -2851,8 +2886,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     if not args.server:
         print("agent.py: error: --server is required (or set TASKSCHEDULER_SERVER)", file=sys.stderr)
         return 2

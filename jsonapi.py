@@ -14,12 +14,35 @@ import logging
 from typing import Any, Optional
 
 import bottle
+import waitress.channel
+import waitress.task
 
-from agent import UTC, format_time, parse_time
+from agent import UTC, format_time, parse_time, printable
 
 log = logging.getLogger("taskscheduler.server")
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
+MAX_COMMAND_LENGTH = 8192
+MAX_FREQUENCY_LENGTH = 200
+MAX_OUTPUT_LENGTH = 4 * 1024 * 1024
+MAX_TIMEZONE_LENGTH = 64
+MAX_REASON_LENGTH = 500
+MAX_PUSH_URL_LENGTH = 2048
+MAX_HOSTNAME_LENGTH = 255
+MAX_PLATFORM_LENGTH = 255
+MAX_VERSION_LENGTH = 64
+# The characters that str.isspace() and str.strip() count as white space. They are spelled
+# out because `\s` means other characters in ECMA-262 than in Python (U+0085, U+FEFF), and
+# this class must mean the same in the server and in the OpenAPI document.
+WHITESPACE_CLASS = ("\\t\\n\\x0b\\x0c\\r\\x1c-\\x20\\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029"
+                    "\\u202f\\u205f\\u3000")
+# An http(s) URL without white space or control characters.
+PUSH_URL_REGEX = (f"^https?://[^{WHITESPACE_CLASS}/?#\\x00-\\x1f\\x7f-\\x9f]+"
+                  f"(?:/[^{WHITESPACE_CLASS}\\x00-\\x1f\\x7f-\\x9f]*)?$")
+# A skipped slot did not run because the previous run was still going or the agent was
+# busy. Missed slots are slots the agent could not start in time. A cancelled run was
+# stopped because the next run replaced it.
+RESULT_STATUSES = ("succeeded", "failed", "timed_out", "lost", "skipped", "missed", "cancelled")
 
 
 def json_response(body: Any, status: int = 200) -> bottle.HTTPResponse:
@@ -49,12 +72,53 @@ def render_http_error(error: bottle.HTTPError) -> str:
         message = f"request body is larger than {MAX_BODY_BYTES} bytes"
     elif error.status_code >= 500:
         if error.exception is not None:
-            log.error("unhandled error on %s %s: %r", bottle.request.method, bottle.request.path,
-                      error.exception, exc_info=error.exception)
+            log.error("unhandled error on %s %s: %r", bottle.request.method,
+                      printable(bottle.request.path), error.exception, exc_info=error.exception)
         message = "internal server error; the server log has the details"
     else:
         message = str(error.body)
     return json.dumps({"error": message})
+
+
+class JsonErrorTask(waitress.task.ErrorTask):
+    """Sends waitress's own error responses in the API's JSON error shape.
+
+    waitress sends these before the application gets the request: a body over its
+    `max_request_body_size` (413, decided from Content-Length before the body is read, or
+    as soon as a chunked body passes the limit), a malformed request (400), headers that
+    are too large (431), an unsupported Transfer-Encoding (501), and a failure inside
+    waitress (500). The connection is closed after the response, so the rest of an
+    oversized body is never read.
+    """
+
+    def execute(self):
+        error = self.request.error
+        if error.code == 413:
+            message = f"request body is larger than {MAX_BODY_BYTES} bytes"
+        elif error.code >= 500:
+            message = f"{error.reason.lower()}; the server log has the details"
+        else:
+            message = f"{error.reason.lower()}: {error.body}"
+        body = json.dumps({"error": message}).encode()
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.extend([("Content-Type", "application/json"),
+                                      ("Cache-Control", "no-store")])
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class JsonErrorChannel(waitress.channel.HTTPChannel):
+    error_task_class = JsonErrorTask
+
+
+def use_json_error_responses(server) -> None:
+    """Make a server from `waitress.create_server` send its own errors as JSON.
+
+    NOTE: `channel_class` and `error_task_class` are waitress internals (checked with
+    waitress 3.0.2); `tests/test_body_limit.py` fails if an upgrade changes them.
+    """
+    server.channel_class = JsonErrorChannel
 
 
 def read_json_object() -> dict:
@@ -156,20 +220,35 @@ def optional_time(data: dict, field: str) -> Optional[dt.datetime]:
         raise api_error(400, f"{field} is invalid: {error}", field) from None
 
 
-def optional_exit_code(data: dict) -> Optional[int]:
-    value = data.get("exit_code")
-    if value is None:
+def whole_number(value: object) -> Optional[int]:
+    """Return a JSON integer as int, or None for any other value.
+
+    JSON Schema counts 5.0 as an integer, like 5, so the server accepts it too. Booleans,
+    fractions, infinities and NaN are not integers.
+    """
+    if isinstance(value, bool):
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or not -(2 ** 31) <= value < 2 ** 31:
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def optional_exit_code(data: dict) -> Optional[int]:
+    if data.get("exit_code") is None:
+        return None
+    value = whole_number(data["exit_code"])
+    if value is None or not -(2 ** 31) <= value < 2 ** 31:
         raise api_error(400, "exit_code must be an integer (negative for a signal) or null", "exit_code")
     return value
 
 
 def optional_missed_slots(data: dict) -> Optional[int]:
-    value = data.get("missed_slots")
-    if value is None:
+    if data.get("missed_slots") is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2 ** 31:
+    value = whole_number(data["missed_slots"])
+    if value is None or not 1 <= value < 2 ** 31:
         raise api_error(400, "missed_slots must be an integer of 1 or more", "missed_slots")
     return value
 
@@ -227,10 +306,10 @@ MAX_BYTE_COUNT = 2 ** 62
 
 
 def byte_count(data: dict, field: str, text: str) -> int:
-    value = data.get(field)
-    if value is None:
+    if data.get(field) is None:
         return len(text.encode("utf-8"))
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_BYTE_COUNT:
+    value = whole_number(data[field])
+    if value is None or not 0 <= value <= MAX_BYTE_COUNT:
         raise api_error(400, f"{field} must be a whole number of bytes from 0 to {MAX_BYTE_COUNT}", field)
     return value
 
@@ -252,9 +331,9 @@ def optional_base64(data: dict, field: str, max_bytes: int) -> Optional[bytes]:
 
 def optional_count(data: dict, field: str) -> int:
     """Return a non-negative integer field, 0 when absent."""
-    value = data.get(field)
-    if value is None:
+    if data.get(field) is None:
         return 0
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 31:
+    value = whole_number(data[field])
+    if value is None or not 0 <= value < 2 ** 31:
         raise api_error(400, f"{field} must be a non-negative integer", field)
     return value

@@ -26,35 +26,30 @@ import bottle
 import peewee
 import waitress
 
-from agent import (AGENT_ID_PATTERN, UTC, FrequencyError, TaskError, check_jitter, format_time,
-                   parse_frequency, validate_task_options, zone_for)
+from agent import (AGENT_ID_PATTERN, UTC, FrequencyError, TaskError, check_jitter, configure_logging,
+                   format_time, parse_frequency, printable, validate_task_options, zone_for)
 from auth import (TokenConfig, TokenFileError, add_enrollment_routes, authenticate, forbidden,
                   may_report, read_tokens, require_agent, require_operator)
 from executions import latest_complete_execution
-from jsonapi import (MAX_BODY_BYTES, api_error, byte_count, json_response, local_time_text,
-                     optional_base64, optional_boolean, optional_count, optional_exit_code,
-                     optional_label, optional_output,
-                     optional_time, read_json_object, read_missed_range, render_http_error,
-                     required_string, seconds_json, time_text)
+from jsonapi import (MAX_BODY_BYTES, MAX_COMMAND_LENGTH, MAX_FREQUENCY_LENGTH, MAX_HOSTNAME_LENGTH,
+                     MAX_OUTPUT_LENGTH, MAX_PLATFORM_LENGTH, MAX_PUSH_URL_LENGTH, MAX_REASON_LENGTH,
+                     MAX_TIMEZONE_LENGTH, MAX_VERSION_LENGTH, PUSH_URL_REGEX, RESULT_STATUSES,
+                     api_error, byte_count, json_response, local_time_text, optional_base64,
+                     optional_boolean, optional_count, optional_exit_code, optional_label,
+                     optional_output, optional_time, read_json_object, read_missed_range,
+                     render_http_error, required_string, seconds_json, time_text,
+                     use_json_error_responses)
 from models import Agent, Result, Task, database, open_database, sqlite_url, utc_now
+from openapi import OPENAPI_PATH, build_spec
 from push import PushTarget, TaskPusher
 
 __version__ = "0.1.0"
 
 log = logging.getLogger("taskscheduler.server")
 
-MAX_COMMAND_LENGTH = 8192
-MAX_OUTPUT_LENGTH = 4 * 1024 * 1024
-MAX_TIMEZONE_LENGTH = 64
-MAX_REASON_LENGTH = 500
-# A skipped slot did not run because the previous run was still going or the agent was
-# busy. Missed slots are slots the agent could not start in time. A cancelled run was
-# stopped because the next run replaced it.
-RESULT_STATUSES = ("succeeded", "failed", "timed_out", "lost", "skipped", "missed", "cancelled")
 NOT_RUN_STATUSES = ("skipped", "missed")
 TASK_ID_PATTERN = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-# An http(s) URL without white space or control characters.
-PUSH_URL_PATTERN = re.compile(r"https?://[^\s/?#\x00-\x1f\x7f]+(?:/[^\s\x00-\x1f\x7f]*)?")
+PUSH_URL_PATTERN = re.compile(PUSH_URL_REGEX)
 
 
 @dataclasses.dataclass
@@ -64,6 +59,8 @@ class ServerConfig:
     agent_timeout: float = 30.0
     report_grace: float = 30.0
     push_timeout: float = 5.0
+    # False makes the server send no wake-ups, so it opens no connection to any host.
+    push: bool = True
     tokens: TokenConfig = dataclasses.field(default_factory=TokenConfig)
 
 
@@ -155,7 +152,8 @@ def database_plugin(callback):
             with database.connection_context():
                 return callback(*args, **kwargs)
         except (peewee.OperationalError, peewee.InterfaceError) as error:
-            log.error("database error on %s %s: %s", bottle.request.method, bottle.request.path, error)
+            log.error("database error on %s %s: %s", bottle.request.method,
+                      printable(bottle.request.path), error)
             return api_error(503, "the database is unavailable; retry later")
 
     return wrapper
@@ -187,12 +185,17 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
     def healthz():
         return json_response({"status": "ok"})
 
+    @app.get(OPENAPI_PATH, skip=[database_plugin])
+    def openapi_document():
+        routes = ((route.method, route.rule) for route in app.routes)
+        return json_response(build_spec(routes, __version__))
+
     @app.post("/api/v1/tasks/create")
     def create_task():
         require_operator(tokens, admin=True)
         data = read_json_object()
         command = required_string(data, "command", MAX_COMMAND_LENGTH)
-        frequency = required_string(data, "frequency", 200)
+        frequency = required_string(data, "frequency", MAX_FREQUENCY_LENGTH)
         # The options are read first, because parse_frequency reports a bad time zone as a
         # bad frequency.
         options = read_task_options(data)
@@ -216,15 +219,18 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
             # An agent without a push secret has no valid token either, and would reject
             # an unsigned wake-up.
             pushed &= Agent.push_secret.is_null(False)
-        targets = [PushTarget(agent.id, agent.push_url, agent.push_secret)
-                   for agent in Agent.select().where(pushed).order_by(Agent.id)]
-        pusher.push(task.id, targets)
+        if config.push:
+            targets = [PushTarget(agent.id, agent.push_url, agent.push_secret)
+                       for agent in Agent.select().where(pushed).order_by(Agent.id)]
+            pusher.push(task.id, targets)
         body = dict(task_json(task), command_id=task.id, created_at=time_text(task.created_at))
         return json_response(body, 201)
 
-    @app.route("/api/v1/tasks/create", method=["GET", "PUT", "PATCH", "DELETE"])
+    @app.route("/api/v1/tasks/create", method=["GET", "ANY"])
     def create_task_wrong_method():
-        # Without this route, GET would match /api/v1/tasks/<task_id> and return 404.
+        # Without the GET route, GET would match /api/v1/tasks/<task_id> and return 404.
+        # The ANY route takes every other method, so bottle's own 405 never lists GET
+        # in its Allow header for this path.
         response = api_error(405, f"method {bottle.request.method} is not allowed on "
                                   "/api/v1/tasks/create; allowed: POST")
         response.set_header("Allow", "POST")
@@ -358,13 +364,13 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
         push_url = data.get("push_url")
         if push_url is not None and (not isinstance(push_url, str)
                                      or not PUSH_URL_PATTERN.fullmatch(push_url)
-                                     or len(push_url) > 2048):
+                                     or len(push_url) > MAX_PUSH_URL_LENGTH):
             raise api_error(400, "push_url must be an http:// or https:// URL of at most "
-                                 "2048 characters, or null", "push_url")
+                                 f"{MAX_PUSH_URL_LENGTH} characters, or null", "push_url")
         details = {
-            "hostname": optional_label(data, "hostname", 255),
-            "platform": optional_label(data, "platform", 255),
-            "version": optional_label(data, "version", 64),
+            "hostname": optional_label(data, "hostname", MAX_HOSTNAME_LENGTH),
+            "platform": optional_label(data, "platform", MAX_PLATFORM_LENGTH),
+            "version": optional_label(data, "version", MAX_VERSION_LENGTH),
             "outbox_depth": optional_count(data, "outbox_depth"),
             "outbox_dropped": optional_count(data, "outbox_dropped"),
         }
@@ -377,7 +383,7 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
                         .as_rowcount()
                         .execute())
             if inserted:
-                log.info("agent %s registered: host %r, %s, push URL %s",
+                log.info("agent %s registered: host %r, platform %r, push URL %s",
                          agent_id, details["hostname"], details["platform"], push_url or "none")
                 status = 201
             else:
@@ -489,6 +495,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--enrollment-token-file", metavar="PATH",
                         help="file of enrollment tokens, one per line; agents enroll with one "
                              "(env TASKSCHEDULER_ENROLLMENT_TOKEN: comma-separated tokens)")
+    parser.add_argument("--no-push", dest="push", action="store_false",
+                        default=os.environ.get("TASKSCHEDULER_NO_PUSH", "") == "",
+                        help="send no wake-ups to agents' push listeners: agents find new tasks at "
+                             "their next sync, and the server opens no connection to any host "
+                             "(env TASKSCHEDULER_NO_PUSH=1)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="log level for messages on stderr (default: INFO)")
     return parser
@@ -542,8 +553,7 @@ def binding_problem(host: str, tokens: TokenConfig) -> Optional[str]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     # peewee logs each query with its parameters at DEBUG, and those include push secrets.
     logging.getLogger("peewee").setLevel(logging.INFO)
     try:
@@ -563,7 +573,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
 
     config = ServerConfig(agent_timeout=args.agent_timeout, report_grace=args.report_grace,
-                          tokens=tokens)
+                          push=args.push, tokens=tokens)
     app = create_app(config)
     try:
         # Every agent keeps a connection open between syncs, and waitress closes idle ones
@@ -574,6 +584,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except OSError as error:
         print(f"server.py: error: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)
         return 2
+    use_json_error_responses(server)
 
     def request_stop(signum, _frame):
         # waitress has no supported shutdown call, so the main thread leaves its loop

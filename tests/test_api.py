@@ -14,6 +14,7 @@ import uuid
 import pytest
 
 import models
+import server
 from agent import UTC, parse_frequency, parse_time
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$")
@@ -171,6 +172,23 @@ def test_create_without_agents_pushes_to_nobody(app, pusher):
     pushed_agents = [agent for _task, agents in pusher.pushes for agent in agents]
 
     assert pushed_agents == []
+
+
+@pytest.mark.parametrize("config", [server.ServerConfig(push=False)], ids=["no-push"])
+def test_server_without_push_sends_nothing(app, pusher):
+    register_agent(app, "push-online", push_url=PUSH_URL)
+
+    created = create_task(app, command="hostname", frequency="@hourly")
+
+    assert created["command"] == "hostname"
+    assert pusher.pushes == []
+
+
+def test_no_push_option_read_from_environment(monkeypatch):
+    assert server.build_parser().parse_args([]).push is True
+    assert server.build_parser().parse_args(["--no-push"]).push is False
+    monkeypatch.setenv("TASKSCHEDULER_NO_PUSH", "1")
+    assert server.build_parser().parse_args([]).push is False
 
 
 def json_body(data):

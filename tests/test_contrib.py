@@ -221,6 +221,16 @@ def test_plist_options_accepted(program):
     check_arguments(program, job["ProgramArguments"][2:], environment)
 
 
+@pytest.mark.parametrize("program, user", [("server", "_taskscheduler"), ("agent", "_taskscheduler-agent")])
+def test_plist_runs_as_role_account(program, user):
+    with plist_path(program).open("rb") as stream:
+        job = plistlib.load(stream)
+
+    assert job["UserName"] == user
+    assert job.get("GroupName", user) == user
+    assert job["Umask"] == 0o027
+
+
 def test_agent_plist_sets_server():
     with plist_path("agent").open("rb") as stream:
         job = plistlib.load(stream)
@@ -300,6 +310,73 @@ def test_unit_has_expected_settings(program):
     command = shlex.split(unit_value(unit, "Service", "ExecStart"))
     assert command[0] == VENV_PYTHON
     assert command[1] == f"{INSTALL_DIR}/{program}.py"
+
+
+# Hardening both units share. The agent's sandbox is narrower in what it leaves out (see
+# test_agent_unit_keeps_commands_working), because it runs operators' commands.
+SHARED_HARDENING = {
+    "NoNewPrivileges": "yes",
+    "CapabilityBoundingSet": "",
+    "AmbientCapabilities": "",
+    "ProtectSystem": "strict",
+    "PrivateTmp": "yes",
+    "PrivateDevices": "yes",
+    "ProtectKernelTunables": "yes",
+    "ProtectKernelModules": "yes",
+    "ProtectKernelLogs": "yes",
+    "ProtectControlGroups": "yes",
+    "ProtectClock": "yes",
+    "ProtectHostname": "yes",
+    "RemoveIPC": "yes",
+    "RestrictSUIDSGID": "yes",
+    "RestrictNamespaces": "yes",
+    "RestrictRealtime": "yes",
+    "LockPersonality": "yes",
+    "SystemCallArchitectures": "native",
+    "UMask": "0027",
+}
+
+
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_unit_runs_as_dedicated_user_with_hardening(program):
+    unit = read_unit(unit_path(program))
+    user = "taskscheduler" if program == "server" else "taskscheduler-agent"
+
+    assert unit_value(unit, "Service", "User") == user
+    assert unit_value(unit, "Service", "Group") == user
+    assert unit_value(unit, "Service", "StateDirectory") == user
+    for key, value in SHARED_HARDENING.items():
+        assert unit_value(unit, "Service", key) == value, f"{program}: {key}"
+
+
+def test_server_unit_has_narrowest_sandbox():
+    unit = read_unit(unit_path("server"))
+
+    assert unit_value(unit, "Service", "ProtectHome") == "yes"
+    assert unit_value(unit, "Service", "RestrictAddressFamilies") == "AF_INET AF_INET6 AF_UNIX"
+    assert unit_value(unit, "Service", "SystemCallFilter") == "@system-service"
+    assert unit_value(unit, "Service", "ProtectProc") == "invisible"
+
+
+def test_agent_unit_keeps_commands_working():
+    unit = read_unit(unit_path("agent"))
+
+    # Commands may read home directories, list the host's processes and use netlink (ip, ss).
+    assert unit_value(unit, "Service", "ProtectHome") == "read-only"
+    assert unit_value(unit, "Service", "ProtectProc") is None
+    assert unit_value(unit, "Service", "SystemCallFilter") is None
+    assert unit_value(unit, "Service", "RestrictAddressFamilies") == "AF_INET AF_INET6 AF_UNIX AF_NETLINK"
+
+
+def test_agent_unit_documents_drop_in():
+    text = unit_path("agent").read_text(encoding="utf-8")
+
+    assert "systemctl edit taskscheduler-agent" in text
+    for line in text.splitlines():
+        # A drop-in example copied as shown must work: systemd takes "# ..." after a
+        # value as part of the value.
+        if line.startswith("#   ") and "=" in line:
+            assert "#" not in line[4:], line
 
 
 def test_agent_unit_lets_commands_finish():

@@ -80,6 +80,53 @@ def test_task_rejects_path_characters_in_id():
     assert raised.value.field == "task_id"
 
 
+@pytest.mark.parametrize("field, value", [
+    ("exit_code", 3.0), ("stdout_bytes", 5.0), ("missed_slots", 2.0),
+])
+def test_complete_accepts_integral_float(app, field, value):
+    # JSON Schema counts 3.0 as an integer; schemathesis sent such values and got 400.
+    task_id = app.post_json("/api/v1/tasks/create", create_body()).json["task_id"]
+    body = {"server_id": "web-1", "stdout": "x", field: value}
+    if field == "missed_slots":
+        body.update(status="missed")
+
+    response = app.post_json(f"/api/v1/tasks/{task_id}/complete", body, status=201)
+
+    assert response.json["duplicate"] is False
+    stored = models.Result.get()
+    assert getattr(stored, field) == int(value)
+    assert isinstance(getattr(stored, field), int)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("exit_code", 3.5), ("exit_code", True), ("stdout_bytes", 1e300), ("missed_slots", 0.0),
+])
+def test_complete_rejects_non_integer(app, field, value):
+    task_id = app.post_json("/api/v1/tasks/create", create_body()).json["task_id"]
+    body = {"server_id": "web-1", field: value, "status": "missed" if field == "missed_slots" else None}
+
+    response = app.post_json(f"/api/v1/tasks/{task_id}/complete", body, status=400)
+
+    assert response.json["field"] == field
+
+
+def test_register_accepts_integral_float_counts(app):
+    response = app.put_json("/api/v1/agents/web-1", {"outbox_depth": 7.0, "outbox_dropped": 0.0}, status=201)
+
+    assert response.json["agent_id"] == "web-1"
+    assert app.get("/api/v1/agents").json["agents"][0]["outbox_depth"] == 7
+
+
+@pytest.mark.parametrize("push_url", ["http://host\x85name/", "http://host/\u2028x", "http://host/\x9b",
+                                      "http://ho\ufeffst\u3000/"])
+def test_register_rejects_push_url_with_unicode_space(app, push_url):
+    # schemathesis sent U+0085, which the document's ECMA-262 pattern allowed and the
+    # server rejected; the server also accepted C1 controls such as U+009B.
+    response = app.put_json("/api/v1/agents/web-1", {"push_url": push_url}, status=400)
+
+    assert response.json["field"] == "push_url"
+
+
 # ---------------------------------------------------------------------------
 # The agent against a misbehaving server
 # ---------------------------------------------------------------------------

@@ -212,6 +212,7 @@ def test_wakeup_get_is_405(listening, http):
 
     assert response.status_code == 405
     assert response.headers["Content-Type"] == "application/json"
+    assert response.headers["Allow"] == "POST"
 
 
 def test_wakeup_rejects_wrong_content_type(listening, http):

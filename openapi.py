@@ -1,0 +1,463 @@
+"""The OpenAPI 3.1 description of the server's REST API, served at GET /api/v1/openapi.json.
+
+The document is written by hand. Request schemas state the checks that `server.py` and
+`jsonapi.py` enforce: types, required fields, lengths and enums. Rules that JSON Schema
+cannot state, such as `missed_slots` being allowed only with status `missed`, are in
+descriptions.
+`tests/test_openapi.py` checks that every route is described and every described
+operation has a route, and `tests/test_schemathesis.py` checks the live server against
+this document.
+
+Unknown body fields are ignored by every endpoint, so every request body schema allows
+additional properties. A newer agent can then talk to an older server.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable
+
+from agent import (ENVIRONMENT_NAME, MAX_CATCHUP_SECONDS, MAX_ENVIRONMENT_ENTRIES,
+                   MAX_ENVIRONMENT_VALUE_LENGTH, MAX_JITTER_SECONDS, MAX_TIMEOUT_SECONDS,
+                   OVERLAP_POLICIES)
+from jsonapi import (MAX_BODY_BYTES, MAX_BYTE_COUNT, MAX_COMMAND_LENGTH, MAX_FREQUENCY_LENGTH,
+                     MAX_HOSTNAME_LENGTH, MAX_OUTPUT_LENGTH, MAX_PLATFORM_LENGTH, MAX_PUSH_URL_LENGTH,
+                     MAX_REASON_LENGTH, MAX_TIMEZONE_LENGTH, MAX_VERSION_LENGTH, PUSH_URL_REGEX,
+                     RESULT_STATUSES, WHITESPACE_CLASS)
+
+OPENAPI_PATH = "/api/v1/openapi.json"
+
+# JSON Schema patterns are ECMA-262 expressions that match anywhere in the string.
+AGENT_ID_REGEX = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+TASK_ID_REGEX = "^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$"
+# A string with at least one character that str.strip() keeps, and no NUL.
+TEXT_REGEX = f"^[^\\u0000]*[^{WHITESPACE_CLASS}\\u0000][^\\u0000]*$"
+NO_NUL_REGEX = "^[^\\u0000]*$"
+BASE64_REGEX = "^[A-Za-z0-9+/]*={0,2}$"
+# RFC 3339 with an offset, as `agent.parse_time` accepts it: white space around it is
+# stripped first.
+TIMESTAMP_REGEX = (f"^[{WHITESPACE_CLASS}]*[0-9]{{4}}-[0-9]{{2}}-[0-9]{{2}}[Tt ][0-9]{{2}}:[0-9]{{2}}:"
+                   f"[0-9]{{2}}(\\.[0-9]{{1,9}})?([Zz]|[+-][0-9]{{2}}:[0-9]{{2}})[{WHITESPACE_CLASS}]*$")
+
+ERROR_REF = {"$ref": "#/components/schemas/Error"}
+
+
+def nullable(schema: dict) -> dict:
+    """Return `schema` widened to also accept JSON null."""
+    widened = copy.deepcopy(schema)
+    kind = widened.get("type")
+    if isinstance(kind, str):
+        widened["type"] = [kind, "null"]
+    elif "enum" in widened:
+        widened["enum"] = [*widened["enum"], None]
+    return widened
+
+
+def error_response(description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": ERROR_REF}}}
+
+
+def json_response(description: str, schema: dict) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def json_body(schema_name: str) -> dict:
+    return {"required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema_name}"}}}}
+
+
+def closed_object(properties: dict, required: Iterable[str] = ()) -> dict:
+    """Return the schema of a response object: exactly the listed properties may appear."""
+    schema: dict[str, Any] = {"type": "object", "properties": properties, "additionalProperties": False}
+    if required:
+        schema["required"] = list(required)
+    return schema
+
+
+def open_object(properties: dict, required: Iterable[str] = ()) -> dict:
+    """Return the schema of a request body: unknown properties are allowed and ignored."""
+    schema: dict[str, Any] = {"type": "object", "properties": properties, "additionalProperties": True}
+    if required:
+        schema["required"] = list(required)
+    return schema
+
+
+# ---------------------------------------------------------------------------
+# Shared responses and parameters
+# ---------------------------------------------------------------------------
+
+BAD_REQUEST = error_response("The body or a parameter is invalid; `field` names the field at fault. "
+                             "Nothing is stored.")
+BAD_PATH = error_response("The request path is not valid UTF-8.")
+UNAUTHENTICATED = error_response("The `Authorization: Bearer TOKEN` header is missing, or the token "
+                                 "is unknown or revoked.")
+FORBIDDEN = error_response("The token is valid but does not grant this operation (a read token on "
+                           "a write, or an agent token of another agent).")
+TOO_LARGE = error_response(f"The body is larger than {MAX_BODY_BYTES} bytes, rejected before it is "
+                           "read in full, or an output field is longer than its limit.")
+UNSUPPORTED_TYPE = error_response("The body is not sent as `Content-Type: application/json`.")
+UNAVAILABLE = error_response("The database is unavailable; retry later.")
+TASK_NOT_FOUND = error_response("No task has this id, or the path matches no endpoint.")
+
+TASK_ID_PARAMETER = {
+    "name": "task_id", "in": "path", "required": True,
+    "description": "the task's UUID, in any letter case",
+    "schema": {"type": "string", "pattern": TASK_ID_REGEX},
+}
+AGENT_ID_PARAMETER = {
+    "name": "agent_id", "in": "path", "required": True,
+    "description": "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
+    "schema": {"type": "string", "pattern": AGENT_ID_REGEX},
+}
+
+# OpenAPI 3.1 allows role names in the requirement of a bearer scheme: "read" operations
+# take a read or an admin token, "admin" operations an admin token only.
+OPERATOR_READ = [{"operatorToken": ["read"]}]
+OPERATOR_ADMIN = [{"operatorToken": ["admin"]}]
+AGENT_ONLY = [{"agentToken": []}]
+ENROLLMENT = [{"enrollmentToken": []}]
+PUBLIC: list = []
+
+
+def common_errors(security: list, body: bool, path_parameters: bool) -> dict:
+    """Return the error responses an operation shares with others of its kind."""
+    responses: dict[str, Any] = {}
+    if body or path_parameters:
+        responses["400"] = BAD_REQUEST if body else BAD_PATH
+    if security:
+        responses["401"] = UNAUTHENTICATED
+        responses["403"] = FORBIDDEN
+    if path_parameters:
+        responses["404"] = TASK_NOT_FOUND
+    if body:
+        responses["413"] = TOO_LARGE
+        responses["415"] = UNSUPPORTED_TYPE
+    responses["503"] = UNAVAILABLE
+    return responses
+
+
+def operation(operation_id: str, summary: str, security: list, responses: dict,
+              body_schema: str = "", parameters: tuple = (), tag: str = "") -> dict:
+    described: dict[str, Any] = {"operationId": operation_id, "summary": summary, "tags": [tag],
+                                 "security": security}
+    if parameters:
+        described["parameters"] = list(parameters)
+    if body_schema:
+        described["requestBody"] = json_body(body_schema)
+    described["responses"] = dict(responses, **common_errors(security, bool(body_schema), bool(parameters)))
+    return described
+
+
+# ---------------------------------------------------------------------------
+# Schemas
+# ---------------------------------------------------------------------------
+
+SECONDS = {"type": "number"}
+TIMESTAMP = {"type": "string", "pattern": TIMESTAMP_REGEX,
+             "description": "RFC 3339 with an offset, such as 2026-01-01T12:00:00Z"}
+ENVIRONMENT = {
+    "type": "object",
+    "maxProperties": MAX_ENVIRONMENT_ENTRIES,
+    "propertyNames": {"pattern": f"^{ENVIRONMENT_NAME.pattern}$",
+                      "not": {"pattern": "^[Tt][Aa][Ss][Kk][Ss][Cc][Hh][Ee][Dd][Uu][Ll][Ee][Rr]_"}},
+    "additionalProperties": {"type": "string", "maxLength": MAX_ENVIRONMENT_VALUE_LENGTH,
+                             "pattern": NO_NUL_REGEX},
+    "description": "variables added to the agent's environment for the command; names starting "
+                   "with TASKSCHEDULER_ are reserved",
+}
+
+TASK_OPTIONS = {
+    "timezone": nullable({"type": "string", "minLength": 1, "maxLength": MAX_TIMEZONE_LENGTH,
+                          "description": "IANA zone name such as Europe/Berlin (default UTC); an "
+                                         "unknown name is a 400"}),
+    "catchup": nullable(dict(SECONDS, minimum=0, maximum=MAX_CATCHUP_SECONDS,
+                             description="seconds after a missed slot within which it still runs "
+                                         "once, marked late (default 0)")),
+    "overlap": nullable({"type": "string", "enum": list(OVERLAP_POLICIES),
+                         "description": "what a slot does while the previous run goes (default skip)"}),
+    "jitter": nullable(dict(SECONDS, minimum=0, maximum=MAX_JITTER_SECONDS,
+                            description="start delay below this many seconds, fixed per agent "
+                                        "(default 0); must be shorter than the time between slots")),
+    "timeout": nullable(dict(SECONDS, minimum=1, maximum=MAX_TIMEOUT_SECONDS,
+                             description="seconds a run may last (default: until the next slot, "
+                                         "at most 1 hour)")),
+    "environment": nullable(ENVIRONMENT),
+}
+
+TASK_FIELDS = {
+    "task_id": {"type": "string", "format": "uuid"},
+    "command": {"type": "string"},
+    "frequency": {"type": "string"},
+    "timezone": {"type": "string"},
+    "catchup": {"type": "number", "minimum": 0},
+    "overlap": {"type": "string", "enum": list(OVERLAP_POLICIES)},
+    "jitter": {"type": "number", "minimum": 0},
+    "timeout": {"type": ["number", "null"]},
+    "environment": {"type": "object", "additionalProperties": {"type": "string"}},
+}
+OUTPUT_FIELDS = {
+    "agent_id": {"type": "string"},
+    "stdout": {"type": "string"},
+    "stderr": {"type": "string"},
+    "stdout_base64": {"type": "string"},
+    "stderr_base64": {"type": "string"},
+    "exit_code": {"type": ["integer", "null"]},
+    "status": {"type": "string", "enum": list(RESULT_STATUSES)},
+    "scheduled_for": {"type": "string"},
+    "started_at": {"type": ["string", "null"]},
+    "finished_at": {"type": "string"},
+    "late": {"type": "boolean", "const": True},
+    "missed_slots": {"type": "integer", "minimum": 1},
+    "first_missed": {"type": ["string", "null"]},
+    "reason": {"type": "string"},
+    "truncated": {"type": "boolean", "const": True},
+    "stdout_bytes": {"type": "integer", "minimum": 0},
+    "stderr_bytes": {"type": "integer", "minimum": 0},
+}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": closed_object({
+        "error": {"type": "string", "description": "what is wrong, and how to fix it"},
+        "field": {"type": "string", "description": "the body field or path parameter at fault"},
+    }, required=["error"]),
+    "CreateTaskRequest": open_object(dict({
+        "command": {"type": "string", "minLength": 1, "maxLength": MAX_COMMAND_LENGTH,
+                    "pattern": TEXT_REGEX,
+                    "description": "run as one argument of `/bin/sh -c` (`cmd.exe /c` on Windows)"},
+        "frequency": {"type": "string", "minLength": 1, "maxLength": MAX_FREQUENCY_LENGTH,
+                      "pattern": TEXT_REGEX,
+                      "description": "5-field cron expression, cron macro or interval; an invalid "
+                                     "one is a 400 that says why"},
+    }, **TASK_OPTIONS), required=["command", "frequency"]),
+    "Task": closed_object(TASK_FIELDS, required=list(TASK_FIELDS)),
+    "CreatedTask": closed_object(dict(TASK_FIELDS, command_id={"type": "string", "format": "uuid"},
+                                      created_at={"type": "string"}),
+                                 required=[*TASK_FIELDS, "command_id", "created_at"]),
+    "TaskDetail": closed_object(dict(TASK_FIELDS, created_at={"type": "string"},
+                                     next_fire_times={"type": "array", "items": {"type": "string"}},
+                                     next_fire_times_local={"type": "array", "items": {"type": "string"}}),
+                                required=[*TASK_FIELDS, "created_at", "next_fire_times",
+                                          "next_fire_times_local"]),
+    "TaskList": closed_object({"tasks": {"type": "array", "items": {"$ref": "#/components/schemas/Task"}}},
+                              required=["tasks"]),
+    "Output": closed_object(OUTPUT_FIELDS, required=["agent_id", "exit_code", "status", "scheduled_for",
+                                                     "started_at", "finished_at"]),
+    "LatestOutput": closed_object({
+        "task_id": {"type": "string", "format": "uuid"},
+        "scheduled_for": {"type": "string"},
+        "completion_time": {"type": ["string", "null"]},
+        "complete_reason": {"type": "string", "enum": ["all_reported", "deadline_passed"]},
+        "outputs": {"type": "array", "items": {"$ref": "#/components/schemas/Output"}},
+    }, required=["task_id", "completion_time", "outputs"]),
+    "ReportRequest": open_object({
+        "server_id": {"type": "string", "pattern": AGENT_ID_REGEX, "description": "the reporting agent's id"},
+        "stdout": nullable({"type": "string", "maxLength": MAX_OUTPUT_LENGTH,
+                            "description": "longer is a 413; NUL is stored as U+FFFD"}),
+        "stderr": nullable({"type": "string", "maxLength": MAX_OUTPUT_LENGTH,
+                            "description": "longer is a 413; NUL is stored as U+FFFD"}),
+        "exit_code": nullable({"type": "integer", "minimum": -(2 ** 31), "maximum": 2 ** 31 - 1}),
+        "status": nullable({"type": "string", "enum": list(RESULT_STATUSES)}),
+        "scheduled_for": nullable(dict(TIMESTAMP, description="one of the task's slots, not in the "
+                                                              "future; default: the slot due now")),
+        "started_at": nullable(TIMESTAMP),
+        "finished_at": nullable(TIMESTAMP),
+        "missed_slots": nullable({"type": "integer", "minimum": 1, "maximum": 2 ** 31 - 1,
+                                  "description": "only with status missed"}),
+        "first_missed": nullable(dict(TIMESTAMP, description="only with status missed")),
+        "late": nullable({"type": "boolean", "description": "not true with status skipped or missed"}),
+        "reason": nullable({"type": "string", "maxLength": MAX_REASON_LENGTH, "pattern": NO_NUL_REGEX}),
+        "stdout_bytes": nullable({"type": "integer", "minimum": 0, "maximum": MAX_BYTE_COUNT}),
+        "stderr_bytes": nullable({"type": "integer", "minimum": 0, "maximum": MAX_BYTE_COUNT}),
+        "truncated": nullable({"type": "boolean"}),
+        "stdout_base64": nullable({"type": "string", "pattern": BASE64_REGEX,
+                                   "maxLength": (MAX_OUTPUT_LENGTH + 2) // 3 * 4}),
+        "stderr_base64": nullable({"type": "string", "pattern": BASE64_REGEX,
+                                   "maxLength": (MAX_OUTPUT_LENGTH + 2) // 3 * 4}),
+    }, required=["server_id"]),
+    "ReportAccepted": closed_object({
+        "task_id": {"type": "string", "format": "uuid"},
+        "agent_id": {"type": "string"},
+        "scheduled_for": {"type": "string"},
+        "duplicate": {"type": "boolean"},
+    }, required=["task_id", "agent_id", "scheduled_for", "duplicate"]),
+    "RegisterAgentRequest": open_object({
+        "hostname": nullable({"type": "string", "maxLength": MAX_HOSTNAME_LENGTH, "pattern": NO_NUL_REGEX}),
+        "platform": nullable({"type": "string", "maxLength": MAX_PLATFORM_LENGTH, "pattern": NO_NUL_REGEX}),
+        "version": nullable({"type": "string", "maxLength": MAX_VERSION_LENGTH, "pattern": NO_NUL_REGEX}),
+        "push_url": nullable({"type": "string", "maxLength": MAX_PUSH_URL_LENGTH, "pattern": PUSH_URL_REGEX,
+                              "description": "where the server pushes new tasks; null for none"}),
+        "outbox_depth": nullable({"type": "integer", "minimum": 0, "maximum": 2 ** 31 - 1}),
+        "outbox_dropped": nullable({"type": "integer", "minimum": 0, "maximum": 2 ** 31 - 1}),
+    }),
+    "RegisteredAgent": closed_object({
+        "agent_id": {"type": "string"},
+        "registered_at": {"type": "string"},
+    }, required=["agent_id", "registered_at"]),
+    "AgentTaskList": closed_object({
+        "agent_id": {"type": "string"},
+        "tasks": {"type": "array", "items": {"$ref": "#/components/schemas/Task"}},
+    }, required=["agent_id", "tasks"]),
+    "AgentList": closed_object({"agents": {"type": "array", "items": closed_object({
+        "agent_id": {"type": "string"},
+        "hostname": {"type": "string"},
+        "platform": {"type": "string"},
+        "version": {"type": "string"},
+        "push_url": {"type": ["string", "null"]},
+        "registered_at": {"type": "string"},
+        "last_seen_at": {"type": "string"},
+        "state": {"type": "string", "enum": ["online", "offline"]},
+        "outbox_depth": {"type": "integer", "minimum": 0},
+        "outbox_dropped": {"type": "integer", "minimum": 0},
+    }, required=["agent_id", "hostname", "platform", "version", "push_url", "registered_at",
+                 "last_seen_at", "state", "outbox_depth", "outbox_dropped"])}}, required=["agents"]),
+    "RevokedToken": closed_object({
+        "agent_id": {"type": "string", "pattern": AGENT_ID_REGEX},
+        "revoked": {"const": True},
+    }, required=["agent_id", "revoked"]),
+    "Enrollment": closed_object({
+        "agent_id": {"type": "string"},
+        "agent_token": {"type": "string", "description": "the agent's own token for its later calls"},
+        "push_secret": {"type": "string", "description": "the secret the server signs pushes to this "
+                                                         "agent with"},
+    }, required=["agent_id", "agent_token", "push_secret"]),
+    "Health": closed_object({"status": {"type": "string", "const": "ok"}}, required=["status"]),
+}
+
+SECURITY_SCHEMES = {
+    "operatorToken": {
+        "type": "http", "scheme": "bearer",
+        "description": "An operator token in `Authorization: Bearer TOKEN`. An admin token may "
+                       "call every operator operation; a read token only the GET operations.",
+    },
+    "agentToken": {
+        "type": "http", "scheme": "bearer",
+        "description": "The token an agent receives at enrollment. It is valid only on its own "
+                       "agent id: registration, its task list and its reports.",
+    },
+    "enrollmentToken": {
+        "type": "http", "scheme": "bearer",
+        "description": "A token an operator issues so that one new agent can enroll.",
+    },
+}
+
+# ---------------------------------------------------------------------------
+# Operations, keyed by path and lower-case method as bottle routes them
+# ---------------------------------------------------------------------------
+
+PATHS: dict[str, dict[str, dict]] = {
+    "/healthz": {"get": operation(
+        "health", "Return 200 while the process is up, even when the database is down.", PUBLIC,
+        {"200": json_response("The process is up.", {"$ref": "#/components/schemas/Health"})},
+        tag="service")},
+    OPENAPI_PATH: {"get": operation(
+        "openapi", "Return this OpenAPI document.", PUBLIC,
+        {"200": json_response("The OpenAPI document.", {"type": "object"})}, tag="service")},
+    "/api/v1/tasks/create": {"post": operation(
+        "createTask", "Create a task that every agent runs at each slot of its frequency.",
+        OPERATOR_ADMIN,
+        {"201": json_response("The task was stored; `command_id` equals `task_id`.",
+                              {"$ref": "#/components/schemas/CreatedTask"})},
+        body_schema="CreateTaskRequest", tag="tasks")},
+    "/api/v1/tasks": {"get": operation(
+        "listTasks", "List every task with its options.", OPERATOR_READ,
+        {"200": json_response("All tasks, oldest first.", {"$ref": "#/components/schemas/TaskList"})},
+        tag="tasks")},
+    "/api/v1/tasks/{task_id}": {"get": operation(
+        "showTask", "Return one task with its next five fire times in UTC and in its time zone.",
+        OPERATOR_READ,
+        {"200": json_response("The task.", {"$ref": "#/components/schemas/TaskDetail"})},
+        parameters=(TASK_ID_PARAMETER,), tag="tasks")},
+    "/api/v1/tasks/{task_id}/latest_output": {"get": operation(
+        "latestOutput", "Return the outputs of the task's newest complete execution.", OPERATOR_READ,
+        {"200": json_response("The newest complete execution, or `completion_time: null` and no "
+                              "outputs while none is complete.",
+                              {"$ref": "#/components/schemas/LatestOutput"})},
+        parameters=(TASK_ID_PARAMETER,), tag="tasks")},
+    "/api/v1/tasks/{task_id}/complete": {"post": operation(
+        "completeTask", "Record one agent's report of one slot of the task.", AGENT_ONLY,
+        {"201": json_response("The report was stored.", {"$ref": "#/components/schemas/ReportAccepted"}),
+         "200": json_response("The same agent already reported this slot; nothing was stored.",
+                              {"$ref": "#/components/schemas/ReportAccepted"})},
+        body_schema="ReportRequest", parameters=(TASK_ID_PARAMETER,), tag="agents")},
+    "/api/v1/agents": {"get": operation(
+        "listAgents", "List every agent, with its state online or offline.", OPERATOR_READ,
+        {"200": json_response("All agents, by id.", {"$ref": "#/components/schemas/AgentList"})},
+        tag="agents")},
+    "/api/v1/agents/{agent_id}": {"put": operation(
+        "registerAgent", "Register an agent, or record its heartbeat.", AGENT_ONLY,
+        {"201": json_response("The agent was registered.", {"$ref": "#/components/schemas/RegisteredAgent"}),
+         "200": json_response("The agent was known; its details were updated.",
+                              {"$ref": "#/components/schemas/RegisteredAgent"})},
+        body_schema="RegisterAgentRequest", parameters=(AGENT_ID_PARAMETER,), tag="agents")},
+    "/api/v1/agents/{agent_id}/tasks": {"get": operation(
+        "agentTasks", "Return the agent's full task list; also a heartbeat.", AGENT_ONLY,
+        {"200": json_response("Every task, oldest first.", {"$ref": "#/components/schemas/AgentTaskList"})},
+        parameters=(AGENT_ID_PARAMETER,), tag="agents")},
+    "/api/v1/agents/{agent_id}/enroll": {"post": operation(
+        "enrollAgent", "Exchange an enrollment token for the agent's own token and push secret. "
+        "The body, if any, is ignored.",
+        ENROLLMENT + OPERATOR_ADMIN,
+        {"201": json_response("The agent is enrolled. The token and secret are shown only here.",
+                              {"$ref": "#/components/schemas/Enrollment"}),
+         "404": error_response("The server runs without tokens, so agents need no enrollment."),
+         "409": error_response("The agent id is enrolled already; an admin must revoke its token "
+                               "first with DELETE /api/v1/agents/{agent_id}/token.")},
+        parameters=(AGENT_ID_PARAMETER,), tag="agents")},
+    "/api/v1/agents/{agent_id}/token": {"delete": operation(
+        "revokeAgentToken", "Revoke an agent's token and push secret, so that it may enroll again.",
+        OPERATOR_ADMIN,
+        {"200": json_response("The token is revoked.", {"$ref": "#/components/schemas/RevokedToken"}),
+         "404": error_response("No agent has this id.")},
+        parameters=(AGENT_ID_PARAMETER,), tag="agents")},
+}
+
+
+# OpenAPI links: which later operations take an id from a response. They document the
+# API's flow, and schemathesis follows them to test operations on ids that exist.
+TASK_LINKS = {
+    "showTask": {"operationId": "showTask", "parameters": {"task_id": "$response.body#/task_id"}},
+    "latestOutput": {"operationId": "latestOutput", "parameters": {"task_id": "$response.body#/task_id"}},
+    "completeTask": {"operationId": "completeTask", "parameters": {"task_id": "$response.body#/task_id"}},
+}
+AGENT_LINKS = {
+    "agentTasks": {"operationId": "agentTasks", "parameters": {"agent_id": "$response.body#/agent_id"}},
+}
+PATHS["/api/v1/tasks/create"]["post"]["responses"]["201"]["links"] = TASK_LINKS
+for status in ("200", "201"):
+    PATHS["/api/v1/agents/{agent_id}"]["put"]["responses"][status]["links"] = AGENT_LINKS
+
+
+def bottle_rule(path: str) -> str:
+    """Return the bottle route rule of an OpenAPI path: /tasks/{task_id} -> /tasks/<task_id>."""
+    return path.replace("{", "<").replace("}", ">")
+
+
+def build_spec(routes: Iterable[tuple[str, str]], server_version: str) -> dict:
+    """Build the OpenAPI document for an application with these (METHOD, rule) routes.
+
+    Only operations with a route are described, so the document never promises an
+    endpoint that this server lacks.
+    """
+    routed = {(method.lower(), rule) for method, rule in routes}
+    paths: dict[str, dict] = {}
+    for path, operations in PATHS.items():
+        for method, described in operations.items():
+            if (method, bottle_rule(path)) in routed:
+                paths.setdefault(path, {})[method] = copy.deepcopy(described)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "taskscheduler",
+            "version": server_version,
+            "description": (
+                "Create periodic shell commands that run on every registered agent, and read "
+                "each host's output. Every error has the shape "
+                '{"error": MESSAGE, "field": NAME}, with `field` present when one field is at '
+                "fault. Unknown body fields are ignored. Wrong methods are a 405 with an `Allow` "
+                "header, unknown paths a 404. Bodies over "
+                f"{MAX_BODY_BYTES} bytes are a 413, sent before the body is read in full."
+            ),
+        },
+        "paths": paths,
+        "components": {"schemas": copy.deepcopy(SCHEMAS), "securitySchemes": copy.deepcopy(SECURITY_SCHEMES)},
+    }
