@@ -791,6 +791,9 @@ class StateStore:
         # They have a lock of their own, so the loop thread reads them without waiting for
         # a worker's fsync. A thread that holds both takes `_lock` first.
         self._cache_lock = threading.Lock()
+        # Writes waiting for the next group commit on `_fast` (see `_write_fast`).
+        self._pending_lock = threading.Lock()
+        self._pending_writes: list[_PendingWrite] = []
         self._last_slots: dict[str, Optional[dt.datetime]] = {}
         self._known_since: dict[str, Optional[dt.datetime]] = {}
 
@@ -929,16 +932,53 @@ class StateStore:
             self._last_slots[task_id] = slot
         return True
 
+    def _write_fast(self, sql: str, parameters: tuple, on_done: Optional[Callable[[int], None]] = None) -> int:
+        """Run one write on the connection without fsync, in a group commit; return its row count.
+
+        Writes that other threads queue while one commit is going share the next
+        transaction, so a burst of runs starting together pays for one commit, not one
+        each. `on_done` runs with the row count while the caller has the store's lock.
+        """
+        write = _PendingWrite(sql, parameters)
+        with self._pending_lock:
+            self._pending_writes.append(write)
+        with self._lock:
+            if not write.done:
+                with self._pending_lock:
+                    batch, self._pending_writes = self._pending_writes, []
+                self._commit_fast(batch)
+            if write.error is not None:
+                raise write.error
+            if on_done is not None:
+                on_done(write.rowcount)
+        return write.rowcount
+
+    def _commit_fast(self, batch: list["_PendingWrite"]) -> None:
+        try:
+            self._fast.execute("BEGIN")
+            for write in batch:
+                write.rowcount = self._fast.execute(write.sql, write.parameters).rowcount
+            self._fast.execute("COMMIT")
+        except sqlite3.Error as error:
+            if self._fast.in_transaction:
+                self._fast.execute("ROLLBACK")
+            for write in batch:
+                write.error = error
+        finally:
+            for write in batch:
+                write.done = True
+
     def record_start(self, task_id: str, slot: dt.datetime) -> bool:
         """Record that the run of `slot` starts; return False if that slot was already recorded."""
-        with self._lock:
-            cursor = self._fast.execute(
-                "INSERT OR IGNORE INTO runs (task_id, scheduled_for, status) VALUES (?, ?, 'running')",
-                (task_id, _slot_key(slot)),
-            )
-            if cursor.rowcount == 1:
+        def note_slot(rowcount: int) -> None:
+            if rowcount == 1:
                 self._note_slot_locked(task_id, slot)
-        return cursor.rowcount == 1
+
+        inserted = self._write_fast(
+            "INSERT OR IGNORE INTO runs (task_id, scheduled_for, status) VALUES (?, ?, 'running')",
+            (task_id, _slot_key(slot)), note_slot,
+        )
+        return inserted == 1
 
     def record_outcome(self, result: RunResult) -> bool:
         """Record a slot that did not run (skipped or missed); return False if already handled."""
@@ -1011,11 +1051,10 @@ class StateStore:
 
     def record_process_group(self, task_id: str, slot: dt.datetime, process_group: int) -> None:
         # Without an fsync, like the start record it completes.
-        with self._lock:
-            self._fast.execute(
-                "UPDATE runs SET process_group = ? WHERE task_id = ? AND scheduled_for = ?",
-                (process_group, task_id, _slot_key(slot)),
-            )
+        self._write_fast(
+            "UPDATE runs SET process_group = ? WHERE task_id = ? AND scheduled_for = ?",
+            (process_group, task_id, _slot_key(slot)),
+        )
 
     def mark_lost_runs(self, now: dt.datetime) -> list[tuple[str, dt.datetime, Optional[int]]]:
         """Mark runs still 'running' from an earlier agent process as lost.
@@ -1071,6 +1110,17 @@ class StateStore:
                 " WHERE rank <= ?)",
                 (keep_per_task,),
             )
+
+
+@dataclasses.dataclass
+class _PendingWrite:
+    """One statement waiting for a group commit, and its outcome once committed."""
+
+    sql: str
+    parameters: tuple
+    rowcount: int = 0
+    error: Optional[sqlite3.Error] = None
+    done: bool = False
 
 
 def _task_body(task: Task) -> str:

@@ -168,6 +168,32 @@ def test_cached_last_slot_skips_store_lock(store):
     assert store.last_slot("t1") == slot + dt.timedelta(minutes=5)
 
 
+def test_record_start_group_commit(store):
+    slot = utc(2026, 1, 1, 12, 5)
+    statements: list[str] = []
+    store._fast.set_trace_callback(statements.append)
+    task_ids = [f"t{index}" for index in range(20)] + ["t0"]
+    outcomes: dict[int, bool] = {}
+
+    def start(index: int) -> None:
+        outcomes[index] = store.record_start(task_ids[index], slot)
+
+    # The starts queue up while another write has the store's lock, then share a commit.
+    with store._lock:
+        threads = [threading.Thread(target=start, args=(index,)) for index in range(len(task_ids))]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.3)
+    for thread in threads:
+        thread.join()
+
+    commits = [statement for statement in statements if statement == "COMMIT"]
+    assert sorted(outcomes.values()) == [False] + [True] * 20
+    assert 1 <= len(commits) <= 2
+    for task_id in task_ids:
+        assert store.last_slot(task_id) == slot
+
+
 class CountingStore(StateStore):
     """A real state store that counts its transactions of finished runs."""
 
