@@ -194,6 +194,36 @@ def measure_probe_floor(work_dir: Path, runs: int) -> Optional[LagStats]:
     return summarize([record.lag_ms for record in read_start_records(record_path)])
 
 
+def measure_group_floor(work_dir: Path, group_size: int, groups: int) -> Optional[LagStats]:
+    """Start the probe command `group_size` times at once from this process, `groups` times.
+
+    Each group shares one slot, taken just before the first `subprocess.Popen`, and the
+    commands start one after another from one thread without waiting for each other. The
+    lags are what starting that many commands at one instant costs with no scheduler in
+    front of them: the floor for tasks that share a slot.
+    """
+    record_path = work_dir / f"probe-group-floor-{group_size}.txt"
+    command = probe_command(record_path)
+    environment = {name: value for name, value in os.environ.items()
+                   if not name.startswith("TASKSCHEDULER_")}
+    for group in range(groups):
+        slot = time.time()
+        processes = []
+        for index in range(group_size):
+            environment["TASKSCHEDULER_TASK_ID"] = f"group-floor-{group}-{index}"
+            environment["TASKSCHEDULER_SCHEDULED_FOR"] = rfc3339(slot)
+            processes.append(subprocess.Popen(command, shell=True, env=environment,
+                                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                              stderr=subprocess.PIPE, start_new_session=True))
+        for process in processes:
+            _, stderr = process.communicate()
+            if process.returncode != 0:
+                raise RuntimeError(f"the probe command failed with exit code {process.returncode}: "
+                                   f"{command}: {stderr.decode(errors='replace').strip()}")
+        time.sleep(0.2)
+    return summarize([record.lag_ms for record in read_start_records(record_path)])
+
+
 def measure_serial_spawn_ms(count: int, repeats: int) -> list[float]:
     """Return the wall time in ms of `count` serial `subprocess.run(['/bin/sh', '-c', 'true'])`, per repeat."""
     totals = []

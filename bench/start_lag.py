@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from measure import (  # noqa: E402
-    LagStats, StartRecord, Usage, UsageMeter, measure_probe_floor, measure_serial_spawn_ms,
+    LagStats, StartRecord, Usage, UsageMeter, measure_group_floor, measure_probe_floor, measure_serial_spawn_ms,
     parse_rfc3339, probe_command, read_start_records, rfc3339, sleep_until, summarize,
 )
 from tests.processes import AgentProcess, Api, ServerProcess, child_environment  # noqa: E402
@@ -77,6 +77,9 @@ PROBE_FLOOR_RUNS = 200
 SERIAL_SPAWN_COUNT = 200
 SERIAL_SPAWN_REPEATS = 3
 IDLE_TASKS = 1000
+# Scenarios with at most this many tasks due at once also measure the floor of starting
+# that many commands at one instant; the burst has its serial spawn time instead.
+GROUP_FLOOR_MAX_SIZE = 50
 IDLE_SECONDS = 30.0
 QUICK_IDLE_SECONDS = 10.0
 
@@ -409,7 +412,7 @@ def report_agent_log(name: str, agent_log: AgentLog) -> None:
 
 
 def report_lag_scenario(scenario: Scenario, agent: ScenarioRun, baseline: Optional[ScenarioRun],
-                        floor: Optional[LagStats]) -> None:
+                        floor: Optional[LagStats], group_floor: Optional[LagStats] = None) -> None:
     name = scenario.name
     rows = [
         lag_row("agent: command's own record", agent.stats, agent.expected, agent.usage),
@@ -420,6 +423,8 @@ def report_lag_scenario(scenario: Scenario, agent: ScenarioRun, baseline: Option
                             baseline.usage))
         rows.append(lag_row("schedule loop: behind nominal", summarize(baseline.nominal_lags_ms)))
     rows.append(lag_row("floor: probe started directly", floor))
+    if group_floor is not None:
+        rows.append(lag_row(f"floor: {scenario.due_tasks} probes at once", group_floor))
     print_table(LAG_HEADERS, rows)
     print(f"agent command: {agent.command_line}")
     print(f"agent measurement: {agent.duration_seconds:.0f} s, {agent.missing()} firings missing, "
@@ -448,6 +453,9 @@ def report_lag_scenario(scenario: Scenario, agent: ScenarioRun, baseline: Option
     print_figure(f"{name}.agent.peak_rss", agent.usage.peak_rss_mib, "MiB")
     print_figure(f"{name}.floor.lag_p50", floor and floor.p50, "ms")
     print_figure(f"{name}.floor.lag_p99", floor and floor.p99, "ms")
+    if group_floor is not None:
+        print_figure(f"{name}.group_floor.lag_p50", group_floor.p50, "ms")
+        print_figure(f"{name}.group_floor.lag_p99", group_floor.p99, "ms")
     if baseline is None:
         return
     base = baseline.stats
@@ -579,10 +587,13 @@ def run_lag_scenario(scenario: Scenario, args: argparse.Namespace, directory: Pa
     if scenario.name == "burst":
         serial_spawn_ms = measure_serial_spawn_ms(SERIAL_SPAWN_COUNT, SERIAL_SPAWN_REPEATS)
     floor = measure_probe_floor(directory, PROBE_FLOOR_RUNS)
+    group_floor = None
+    if 1 < scenario.due_tasks <= GROUP_FLOOR_MAX_SIZE:
+        group_floor = measure_group_floor(directory, scenario.due_tasks, rounds)
     max_concurrent_runs = args.burst_max_concurrent_runs if scenario.name == "burst" else DEFAULT_MAX_CONCURRENT_RUNS
     agent = run_agent(scenario, rounds, directory / "agent", max_concurrent_runs)
     baseline = None if args.skip_baseline else run_baseline(scenario, rounds, directory / "baseline")
-    report_lag_scenario(scenario, agent, baseline, floor)
+    report_lag_scenario(scenario, agent, baseline, floor, group_floor)
     if scenario.name == "burst":
         report_burst_rounds(agent, baseline, serial_spawn_ms, max_concurrent_runs)
 
