@@ -1898,10 +1898,13 @@ class Credentials:
     agent_id: str
     agent_token: str
     push_secret: str
+    # When the server stops accepting the token (RFC 3339), or None for never. The agent
+    # only logs it: it enrolls again when the server rejects the token.
+    expires_at: Optional[str] = None
 
     def __repr__(self) -> str:
         # Keeps the secrets out of tracebacks and debug logs.
-        return f"Credentials(agent_id={self.agent_id!r})"
+        return f"Credentials(agent_id={self.agent_id!r}, expires_at={self.expires_at!r})"
 
 
 def load_credentials(path: str, agent_id: str) -> Optional[Credentials]:
@@ -1914,7 +1917,7 @@ def load_credentials(path: str, agent_id: str) -> Optional[Credentials]:
         with open(path, encoding="utf-8") as credentials_file:
             data = json.load(credentials_file)
         credentials = Credentials(agent_id=data["agent_id"], agent_token=data["agent_token"],
-                                  push_secret=data["push_secret"])
+                                  push_secret=data["push_secret"], expires_at=data.get("expires_at"))
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as error:
@@ -1989,16 +1992,20 @@ class ServerClient:
         except ServerError as error:
             if error.status != 401:
                 raise
-            self._recover_from_unauthorized(credentials)
+            self._recover_from_unauthorized(credentials, error)
         return self._request_any(method, path, body, self._token_of(self.credentials))
 
     @staticmethod
     def _token_of(credentials: Optional[Credentials]) -> Optional[str]:
         return credentials.agent_token if credentials is not None else None
 
-    def _recover_from_unauthorized(self, used: Optional[Credentials]) -> None:
-        """Enroll after the server rejected `used` (None: no token), or raise a ServerError
-        whose message tells the operator how to fix it."""
+    def _recover_from_unauthorized(self, used: Optional[Credentials], rejection: ServerError) -> None:
+        """Enroll after the server rejected `used` (None: no token) with `rejection`, or raise
+        a ServerError whose message tells the operator how to fix it.
+
+        A revoked token and an expired one are handled alike: the enrollment token gets
+        the agent a new token.
+        """
         with self._enroll_lock:
             if self.credentials is not used:
                 return  # another thread enrolled meanwhile
@@ -2010,12 +2017,15 @@ class ServerClient:
                                "TASKSCHEDULER_ENROLLMENT_TOKEN, so that it can enroll")
                 else:
                     message = (f"the server rejected the stored token of agent {self.agent_id} "
-                               f"from {path}: an admin may have revoked it. To enroll again, give "
-                               "the agent the enrollment token (--enrollment-token-file or "
-                               "TASKSCHEDULER_ENROLLMENT_TOKEN), or delete that file and restart "
-                               "with the enrollment token")
+                               f"from {path} ({rejection}): the token expired, or an admin revoked "
+                               "it. To enroll again, give the agent the enrollment token "
+                               "(--enrollment-token-file or TASKSCHEDULER_ENROLLMENT_TOKEN), or "
+                               "delete that file and restart with the enrollment token")
                 log.error("%s", message)
                 raise ServerError(message, status=401)
+            if used is not None:
+                log.warning("the server rejected the stored token of agent %s (%s); enrolling again "
+                            "with the enrollment token", self.agent_id, rejection)
             self.credentials = self._enroll(path)
 
     def _enroll(self, path: str) -> Credentials:
@@ -2027,17 +2037,27 @@ class ServerClient:
             if error.status == 409:
                 message += (f". Delete {path} only if an admin also revoked the agent's token; "
                             "otherwise start the agent with another --id")
+            elif error.status == 401:
+                message += (". The enrollment token is not valid or expired: give the agent a "
+                            "current one (--enrollment-token-file or TASKSCHEDULER_ENROLLMENT_TOKEN)")
             log.error("%s", message)
-            raise ServerError(message, status=error.status) from None
+            # The request that needed the enrollment is still unauthorized. Raising a 4xx as
+            # 401 makes the report sender keep a report instead of dropping it as rejected
+            # for good; an unreachable server keeps its own status.
+            status = 401 if error.status is not None and error.status < 500 else error.status
+            raise ServerError(message, status=status) from None
         try:
+            expires_at = body.get("expires_at")
             credentials = Credentials(agent_id=self.agent_id, agent_token=str(body["agent_token"]),
-                                      push_secret=str(body["push_secret"]))
+                                      push_secret=str(body["push_secret"]),
+                                      expires_at=str(expires_at) if expires_at is not None else None)
         except KeyError as error:
             raise ServerError(f"the enrollment response lacks {error}") from None
         if self.credentials_path is not None:
             save_credentials(self.credentials_path, credentials)
-        log.info("enrolled with %s as agent %s; credentials stored in %s",
-                 redact_url(self.base_url), self.agent_id, path)
+        log.info("enrolled with %s as agent %s; credentials stored in %s; the token expires %s",
+                 redact_url(self.base_url), self.agent_id, path,
+                 f"at {credentials.expires_at}" if credentials.expires_at else "never")
         return credentials
 
     def _request_any(self, method: str, path: str, body: Optional[dict], token: Optional[str]) -> dict:
