@@ -2846,11 +2846,15 @@ def check_server_url(url: str, insecure: bool) -> Optional[str]:
 
 
 def read_secret_file(path: str) -> str:
-    """Return the first line of `path` that is neither blank nor a '#' comment."""
+    """Return the token of the first line of `path` that is neither blank nor a '#' comment.
+
+    The token is the line's first word, so a line of the server's token file, such as
+    `TOKEN expires=2027-01-31T00:00:00Z`, gives the token alone.
+    """
     with open(path, encoding="utf-8") as secret_file:
         for line in secret_file:
             if line.strip() and not line.strip().startswith("#"):
-                return line.strip()
+                return line.split()[0]
     raise ValueError(f"{path} contains no token")
 
 
@@ -2916,7 +2920,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if problem is not None:
             print(f"agent.py: error: {problem}", file=sys.stderr)
             return 2
-    enrollment_token = os.environ.get("TASKSCHEDULER_ENROLLMENT_TOKEN") or None
+    # The first word of the first entry, as in read_secret_file, so the server's form
+    # `TOKEN expires=...` works too.
+    words = (os.environ.get("TASKSCHEDULER_ENROLLMENT_TOKEN") or "").split(",")[0].split()
+    enrollment_token = words[0] if words else None
     # Commands inherit the agent's environment, and must not see the token.
     os.environ.pop("TASKSCHEDULER_ENROLLMENT_TOKEN", None)
     if args.enrollment_token_file:

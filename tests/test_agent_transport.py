@@ -172,3 +172,11 @@ def test_client_rejected_enrollment_is_401(token_server_url, tmp_path, caplog):
     assert raised.value.status == 401
     assert "returned 409" in str(raised.value)
     assert "the token is not valid" in caplog.text
+
+
+def test_enrollment_token_file_line_with_expiry(tmp_path):
+    """The agent reads a line of the server's token file, expiry included, as the token alone."""
+    path = tmp_path / "enrollment-tokens"
+    path.write_text(f"# fleet set-up\n\n  {ENROLL} expires=2099-01-31T00:00:00Z\nsecond-token-0123456789abcdef\n")
+
+    assert agent.read_secret_file(str(path)) == ENROLL

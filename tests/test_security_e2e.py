@@ -167,7 +167,9 @@ EXPIRED = "expires=2020-01-01T00:00:00Z"
 
 def test_expired_agent_enrolls_again_and_reports(cluster, tmp_path):
     server = token_server(cluster, tmp_path, extra_arguments=("--agent-token-lifetime", SHORT_LIFETIME_DAYS))
-    agent = enrolling_agent(cluster, server, tmp_path, "web-1")
+    # The variable in the server's form, with an expiry, gives the agent the token alone.
+    agent = cluster.agent(server, "web-1", environment={
+        "TASKSCHEDULER_ENROLLMENT_TOKEN": f"{ENROLL} expires=2099-01-31T00:00:00Z"})
     wait_until(lambda: "enrolled with" in agent.log_text(), 10.0, cluster.log_tails)
     first = credentials_of(agent)
     task_id = Api(server.url, ADMIN).create_task(HELLO_COMMAND, "every 2 seconds")
