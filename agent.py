@@ -2001,7 +2001,7 @@ class ServerClient:
 
     def _recover_from_unauthorized(self, used: Optional[Credentials], rejection: ServerError) -> None:
         """Enroll after the server rejected `used` (None: no token) with `rejection`, or raise
-        a ServerError whose message tells the operator how to fix it.
+        a ServerError whose message explains how the operator fixes it.
 
         A revoked token and an expired one are handled alike: the enrollment token gets
         the agent a new token.
@@ -2041,9 +2041,9 @@ class ServerClient:
                 message += (". The enrollment token is not valid or expired: give the agent a "
                             "current one (--enrollment-token-file or TASKSCHEDULER_ENROLLMENT_TOKEN)")
             log.error("%s", message)
-            # The request that needed the enrollment is still unauthorized. Raising a 4xx as
-            # 401 makes the report sender keep a report instead of dropping it as rejected
-            # for good; an unreachable server keeps its own status.
+            # The request that needed the enrollment is still unauthorized. So a 4xx becomes
+            # a 401, which makes the report sender keep a report instead of dropping it as
+            # rejected for good. An unreachable server keeps its own status.
             status = 401 if error.status is not None and error.status < 500 else error.status
             raise ServerError(message, status=status) from None
         try:
@@ -2875,9 +2875,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="agent id, 1-64 letters, digits, '.', '_' or '-' (env TASKSCHEDULER_AGENT_ID; "
                              "default: the stored id, or HOSTNAME-RANDOM generated on first start)")
     parser.add_argument("--enrollment-token-file", metavar="PATH",
-                        help="file holding the server's enrollment token, used once to enroll when "
-                             "the server requires tokens (env TASKSCHEDULER_ENROLLMENT_TOKEN holds "
-                             "the token itself; default: none)")
+                        help="file holding the server's enrollment token, used to enroll when "
+                             "the server requires tokens and again when the server rejects the "
+                             "agent token as expired or revoked (env TASKSCHEDULER_ENROLLMENT_TOKEN "
+                             "holds the token itself; default: none)")
     parser.add_argument("--ca-bundle", metavar="PATH",
                         help="CA certificates (PEM) that the server's TLS certificate is verified "
                              "against (default: the certifi bundle that requests ships)")

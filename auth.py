@@ -6,10 +6,10 @@ gives it an agent token of its own and a push secret. The server stores only the
 of each agent token. With no admin, read or enrollment token configured, the API is
 open, as before tokens existed, and every request is treated as allowed.
 
-Every token may expire. Operator and enrollment tokens carry an optional
-`expires=RFC3339` after the token in their file or variable; agent tokens expire after
-the server's agent token lifetime, when one is set. An expired token gets a 401, and an
-agent whose token expired may enroll again with the enrollment token.
+Every token may expire. An operator or enrollment token may be followed by
+`expires=RFC3339` in its file or variable. Agent tokens expire when the server sets an
+agent token lifetime. An expired token gets a 401, and an agent whose token expired may
+enroll again with the enrollment token.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class TokenEntry:
 def parse_token_line(text: str, where: str) -> TokenEntry:
     """Parse `TOKEN` or `TOKEN expires=RFC3339` from one line or list entry.
 
-    Raises TokenFileError naming `where` and never the line's text, which holds a token.
+    Raises TokenFileError naming `where` and never the line's text, which contains a token.
     """
     token, *options = text.split()
     if not TOKEN_PATTERN.fullmatch(token) or len(token) < MIN_TOKEN_LENGTH:
@@ -139,8 +139,8 @@ class AcceptedToken:
 class TokenConfig:
     """The operator and enrollment tokens a server accepts, expired ones included.
 
-    Expired tokens stay in the configuration, so a request with one gets a 401 that says
-    it expired, and a server whose tokens all expired still counts as one with tokens.
+    Expired tokens stay in the configuration, so a request with one gets a 401 that names
+    its expiry, and a server whose tokens all expired still counts as one with tokens.
     """
 
     admin: tuple[AcceptedToken, ...] = ()

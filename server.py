@@ -62,7 +62,7 @@ class ServerConfig:
     # False makes the server send no wake-ups, so it opens no connection to any host.
     push: bool = True
     tokens: TokenConfig = dataclasses.field(default_factory=TokenConfig)
-    # How long an agent token stays valid after enrollment; None means forever.
+    # How long an agent token stays valid after enrollment. None means it never expires.
     agent_token_lifetime: Optional[dt.timedelta] = None
 
 
@@ -462,7 +462,8 @@ def thread_count(value: str) -> int:
     return int(value)
 
 
-# 100 years; a longer lifetime would overflow datetime arithmetic near year 9999 sooner.
+# 100 years. Far larger lifetimes overflow timedelta or push the expiry past datetime's
+# year 9999, so the limit is checked at start instead of failing at enrollment.
 MAX_AGENT_TOKEN_LIFETIME_DAYS = 36500.0
 
 
