@@ -1948,10 +1948,13 @@ class Credentials:
     agent_id: str
     agent_token: str
     push_secret: str
+    # When the server stops accepting the token (RFC 3339), or None for never. The agent
+    # only logs it: it enrolls again when the server rejects the token.
+    expires_at: Optional[str] = None
 
     def __repr__(self) -> str:
         # Keeps the secrets out of tracebacks and debug logs.
-        return f"Credentials(agent_id={self.agent_id!r})"
+        return f"Credentials(agent_id={self.agent_id!r}, expires_at={self.expires_at!r})"
 
 
 def load_credentials(path: str, agent_id: str) -> Optional[Credentials]:
@@ -1964,7 +1967,7 @@ def load_credentials(path: str, agent_id: str) -> Optional[Credentials]:
         with open(path, encoding="utf-8") as credentials_file:
             data = json.load(credentials_file)
         credentials = Credentials(agent_id=data["agent_id"], agent_token=data["agent_token"],
-                                  push_secret=data["push_secret"])
+                                  push_secret=data["push_secret"], expires_at=data.get("expires_at"))
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as error:
@@ -2039,16 +2042,20 @@ class ServerClient:
         except ServerError as error:
             if error.status != 401:
                 raise
-            self._recover_from_unauthorized(credentials)
+            self._recover_from_unauthorized(credentials, error)
         return self._request_any(method, path, body, self._token_of(self.credentials))
 
     @staticmethod
     def _token_of(credentials: Optional[Credentials]) -> Optional[str]:
         return credentials.agent_token if credentials is not None else None
 
-    def _recover_from_unauthorized(self, used: Optional[Credentials]) -> None:
-        """Enroll after the server rejected `used` (None: no token), or raise a ServerError
-        whose message tells the operator how to fix it."""
+    def _recover_from_unauthorized(self, used: Optional[Credentials], rejection: ServerError) -> None:
+        """Enroll after the server rejected `used` (None: no token) with `rejection`, or raise
+        a ServerError whose message explains how the operator fixes it.
+
+        A revoked token and an expired one are handled alike: the enrollment token gets
+        the agent a new token.
+        """
         with self._enroll_lock:
             if self.credentials is not used:
                 return  # another thread enrolled meanwhile
@@ -2060,12 +2067,15 @@ class ServerClient:
                                "TASKSCHEDULER_ENROLLMENT_TOKEN, so that it can enroll")
                 else:
                     message = (f"the server rejected the stored token of agent {self.agent_id} "
-                               f"from {path}: an admin may have revoked it. To enroll again, give "
-                               "the agent the enrollment token (--enrollment-token-file or "
-                               "TASKSCHEDULER_ENROLLMENT_TOKEN), or delete that file and restart "
-                               "with the enrollment token")
+                               f"from {path} ({rejection}): the token expired, or an admin revoked "
+                               "it. To enroll again, give the agent the enrollment token "
+                               "(--enrollment-token-file or TASKSCHEDULER_ENROLLMENT_TOKEN), or "
+                               "delete that file and restart with the enrollment token")
                 log.error("%s", message)
                 raise ServerError(message, status=401)
+            if used is not None:
+                log.warning("the server rejected the stored token of agent %s (%s); enrolling again "
+                            "with the enrollment token", self.agent_id, rejection)
             self.credentials = self._enroll(path)
 
     def _enroll(self, path: str) -> Credentials:
@@ -2077,17 +2087,27 @@ class ServerClient:
             if error.status == 409:
                 message += (f". Delete {path} only if an admin also revoked the agent's token; "
                             "otherwise start the agent with another --id")
+            elif error.status == 401:
+                message += (". The enrollment token is not valid or expired: give the agent a "
+                            "current one (--enrollment-token-file or TASKSCHEDULER_ENROLLMENT_TOKEN)")
             log.error("%s", message)
-            raise ServerError(message, status=error.status) from None
+            # The request that needed the enrollment is still unauthorized. So a 4xx becomes
+            # a 401, which makes the report sender keep a report instead of dropping it as
+            # rejected for good. An unreachable server keeps its own status.
+            status = 401 if error.status is not None and error.status < 500 else error.status
+            raise ServerError(message, status=status) from None
         try:
+            expires_at = body.get("expires_at")
             credentials = Credentials(agent_id=self.agent_id, agent_token=str(body["agent_token"]),
-                                      push_secret=str(body["push_secret"]))
+                                      push_secret=str(body["push_secret"]),
+                                      expires_at=str(expires_at) if expires_at is not None else None)
         except KeyError as error:
             raise ServerError(f"the enrollment response lacks {error}") from None
         if self.credentials_path is not None:
             save_credentials(self.credentials_path, credentials)
-        log.info("enrolled with %s as agent %s; credentials stored in %s",
-                 redact_url(self.base_url), self.agent_id, path)
+        log.info("enrolled with %s as agent %s; credentials stored in %s; the token expires %s",
+                 redact_url(self.base_url), self.agent_id, path,
+                 f"at {credentials.expires_at}" if credentials.expires_at else "never")
         return credentials
 
     def _request_any(self, method: str, path: str, body: Optional[dict], token: Optional[str]) -> dict:
@@ -2876,11 +2896,15 @@ def check_server_url(url: str, insecure: bool) -> Optional[str]:
 
 
 def read_secret_file(path: str) -> str:
-    """Return the first line of `path` that is neither blank nor a '#' comment."""
+    """Return the token of the first line of `path` that is neither blank nor a '#' comment.
+
+    The token is the line's first word, so a line of the server's token file, such as
+    `TOKEN expires=2027-01-31T00:00:00Z`, gives the token alone.
+    """
     with open(path, encoding="utf-8") as secret_file:
         for line in secret_file:
             if line.strip() and not line.strip().startswith("#"):
-                return line.strip()
+                return line.split()[0]
     raise ValueError(f"{path} contains no token")
 
 
@@ -2901,9 +2925,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="agent id, 1-64 letters, digits, '.', '_' or '-' (env TASKSCHEDULER_AGENT_ID; "
                              "default: the stored id, or HOSTNAME-RANDOM generated on first start)")
     parser.add_argument("--enrollment-token-file", metavar="PATH",
-                        help="file holding the server's enrollment token, used once to enroll when "
-                             "the server requires tokens (env TASKSCHEDULER_ENROLLMENT_TOKEN holds "
-                             "the token itself; default: none)")
+                        help="file holding the server's enrollment token, used to enroll when "
+                             "the server requires tokens and again when the server rejects the "
+                             "agent token as expired or revoked (env TASKSCHEDULER_ENROLLMENT_TOKEN "
+                             "holds the token itself; default: none)")
     parser.add_argument("--ca-bundle", metavar="PATH",
                         help="CA certificates (PEM) that the server's TLS certificate is verified "
                              "against (default: the certifi bundle that requests ships)")
@@ -2946,7 +2971,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if problem is not None:
             print(f"agent.py: error: {problem}", file=sys.stderr)
             return 2
-    enrollment_token = os.environ.get("TASKSCHEDULER_ENROLLMENT_TOKEN") or None
+    # The first word of the first entry, as in read_secret_file, so the server's form
+    # `TOKEN expires=...` works too.
+    words = (os.environ.get("TASKSCHEDULER_ENROLLMENT_TOKEN") or "").split(",")[0].split()
+    enrollment_token = words[0] if words else None
     # Commands inherit the agent's environment, and must not see the token.
     os.environ.pop("TASKSCHEDULER_ENROLLMENT_TOKEN", None)
     if args.enrollment_token_file:

@@ -83,6 +83,8 @@ class Agent(BaseModel):
     token_hash = peewee.CharField(max_length=64, null=True, unique=True)
     push_secret = peewee.CharField(max_length=128, null=True)
     enrolled_at = peewee.DateTimeField(null=True)
+    # When the agent token stops being accepted; null means never.
+    token_expires_at = peewee.DateTimeField(null=True)
 
 
 class Result(BaseModel):

@@ -90,7 +90,8 @@ BAD_REQUEST = error_response("The body or a parameter is invalid; `field` names 
                              "Nothing is stored.")
 BAD_PATH = error_response("The request path is not valid UTF-8.")
 UNAUTHENTICATED = error_response("The `Authorization: Bearer TOKEN` header is missing, or the token "
-                                 "is unknown or revoked.")
+                                 "is unknown, revoked or expired. An expired token's error names "
+                                 "the instant it expired.")
 FORBIDDEN = error_response("The token is valid but does not grant this operation (a read token on "
                            "a write, or an agent token of another agent).")
 TOO_LARGE = error_response(f"The body is larger than {MAX_BODY_BYTES} bytes, rejected before it is "
@@ -319,7 +320,11 @@ SCHEMAS: dict[str, Any] = {
         "agent_token": {"type": "string", "description": "the agent's own token for its later calls"},
         "push_secret": {"type": "string", "description": "the secret the server signs pushes to this "
                                                          "agent with"},
-    }, required=["agent_id", "agent_token", "push_secret"]),
+        "expires_at": {"type": ["string", "null"], "format": "date-time",
+                       "description": "when the agent token expires (RFC 3339, UTC), or null when "
+                                      "the server sets no agent token lifetime; the agent then "
+                                      "enrolls again with the enrollment token"},
+    }, required=["agent_id", "agent_token", "push_secret", "expires_at"]),
     "Health": closed_object({"status": {"type": "string", "const": "ok"}}, required=["status"]),
 }
 
@@ -400,8 +405,9 @@ PATHS: dict[str, dict[str, dict]] = {
         {"201": json_response("The agent is enrolled. The token and secret are shown only here.",
                               {"$ref": "#/components/schemas/Enrollment"}),
          "404": error_response("The server runs without tokens, so agents need no enrollment."),
-         "409": error_response("The agent id is enrolled already; an admin must revoke its token "
-                               "first with DELETE /api/v1/agents/{agent_id}/token.")},
+         "409": error_response("The agent id is enrolled and its token has not expired; an admin "
+                               "must revoke its token first with DELETE "
+                               "/api/v1/agents/{agent_id}/token.")},
         parameters=(AGENT_ID_PARAMETER,), tag="agents")},
     "/api/v1/agents/{agent_id}/token": {"delete": operation(
         "revokeAgentToken", "Revoke an agent's token and push secret, so that it may enroll again.",

@@ -62,6 +62,8 @@ class ServerConfig:
     # False makes the server send no wake-ups, so it opens no connection to any host.
     push: bool = True
     tokens: TokenConfig = dataclasses.field(default_factory=TokenConfig)
+    # How long an agent token stays valid after enrollment. None means it never expires.
+    agent_token_lifetime: Optional[dt.timedelta] = None
 
 
 # ---------------------------------------------------------------------------
@@ -168,7 +170,7 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
     app.install(database_plugin)
     app.config["taskscheduler.pusher"] = pusher
     tokens = config.tokens
-    add_enrollment_routes(app, tokens, AGENT_ID_PATTERN)
+    add_enrollment_routes(app, tokens, AGENT_ID_PATTERN, config.agent_token_lifetime)
 
     def find_task(task_id: str) -> Task:
         task_id = task_id.lower()  # UUIDs compare without case; ids are stored in lower case
@@ -460,6 +462,23 @@ def thread_count(value: str) -> int:
     return int(value)
 
 
+# 100 years. Far larger lifetimes overflow timedelta or push the expiry past datetime's
+# year 9999, so the limit is checked at start instead of failing at enrollment.
+MAX_AGENT_TOKEN_LIFETIME_DAYS = 36500.0
+
+
+def lifetime_days(value: str) -> float:
+    try:
+        days = float(value)
+    except ValueError:
+        days = -1.0
+    if not 0 <= days <= MAX_AGENT_TOKEN_LIFETIME_DAYS:
+        raise argparse.ArgumentTypeError(
+            f"invalid lifetime {value!r}: expected a number of days from 0 (never expire) to "
+            f"{MAX_AGENT_TOKEN_LIFETIME_DAYS:g}, fractions allowed")
+    return days
+
+
 def build_parser() -> argparse.ArgumentParser:
     # Without allow_abbrev=False, --admin-token VALUE would be taken for --admin-token-file.
     parser = argparse.ArgumentParser(description="Serve the taskscheduler REST API with waitress.",
@@ -495,6 +514,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--enrollment-token-file", metavar="PATH",
                         help="file of enrollment tokens, one per line; agents enroll with one "
                              "(env TASKSCHEDULER_ENROLLMENT_TOKEN: comma-separated tokens)")
+    parser.add_argument("--agent-token-lifetime", type=lifetime_days, metavar="DAYS",
+                        default=os.environ.get("TASKSCHEDULER_AGENT_TOKEN_LIFETIME", "0"),
+                        help="days an agent token stays valid after enrollment, fractions allowed; "
+                             "an agent whose token expired enrolls again with the enrollment token "
+                             "(env TASKSCHEDULER_AGENT_TOKEN_LIFETIME; default: 0, never expire)")
     parser.add_argument("--no-push", dest="push", action="store_false",
                         default=os.environ.get("TASKSCHEDULER_NO_PUSH", "") == "",
                         help="send no wake-ups to agents' push listeners: agents find new tasks at "
@@ -538,17 +562,31 @@ def binding_problem(host: str, tokens: TokenConfig) -> Optional[str]:
 
     Without tokens the API lets anyone create commands that every agent runs, so it may
     listen only on a loopback address. Elsewhere it needs an admin token, for operators,
-    and an enrollment token, for agents.
+    and an enrollment token, for agents. Expired tokens count: with them the API stays
+    closed, because every request with an expired token gets a 401.
     """
     if is_loopback_host(host):
         return None
-    missing = [name for name, digests in (("admin", tokens.admin), ("enrollment", tokens.enrollment))
-               if not digests]
+    missing = [name for name, configured in (("admin", tokens.admin), ("enrollment", tokens.enrollment))
+               if not configured]
     if not missing:
         return None
     return (f"--host {host} is not a loopback address, and the server has no "
             f"{' and no '.join(missing)} token: without them anyone who reaches the port could "
             f"run commands on every agent. Set them: {TOKEN_HELP}")
+
+
+def warn_expired_tokens(tokens: TokenConfig, now: dt.datetime) -> None:
+    """Log a warning with the number of operator and enrollment tokens of each kind that expired."""
+    expired = tokens.expired_counts(now)
+    if not any(expired.values()):
+        return
+    log.warning("%d admin, %d read and %d enrollment tokens have already expired; requests with "
+                "them get 401. Remove them from the token files and variables, and restart",
+                expired["admin"], expired["read"], expired["enrollment"])
+    if sum(expired.values()) == len(tokens.all):
+        log.warning("every token has expired, so every request except GET /healthz gets 401 "
+                    "until a valid token is added and the server restarted")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -572,8 +610,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"server.py: error: cannot open database: {error}", file=sys.stderr)
         return 2
 
+    lifetime = dt.timedelta(days=args.agent_token_lifetime) if args.agent_token_lifetime else None
     config = ServerConfig(agent_timeout=args.agent_timeout, report_grace=args.report_grace,
-                          push=args.push, tokens=tokens)
+                          push=args.push, tokens=tokens, agent_token_lifetime=lifetime)
     app = create_app(config)
     try:
         # Every agent keeps a connection open between syncs, and waitress closes idle ones
@@ -596,8 +635,10 @@ def main(argv: Optional[list[str]] = None) -> int:
              "report grace %.0f s, %d threads", __version__, args.host, server.effective_port,
              db.__class__.__name__, _redact(url), args.agent_timeout, args.report_grace, args.threads)
     if tokens.enabled:
-        log.info("tokens: %d admin, %d read, %d enrollment; agents use their enrolled tokens",
-                 len(tokens.admin), len(tokens.read), len(tokens.enrollment))
+        log.info("tokens: %d admin, %d read, %d enrollment; agents use their enrolled tokens, "
+                 "which expire %s", len(tokens.admin), len(tokens.read), len(tokens.enrollment),
+                 f"{args.agent_token_lifetime:g} days after enrollment" if lifetime else "never")
+        warn_expired_tokens(tokens, dt.datetime.now(UTC))
     else:
         log.warning("no tokens are set, so the API is unauthenticated: anyone who can reach "
                     "%s:%s can create commands that every agent runs. This is safe only on this "

@@ -3,6 +3,7 @@ HTTPS server on 127.0.0.1 with a self-signed certificate made by the openssl com
 
 from __future__ import annotations
 
+import datetime as dt
 import http.server
 import shutil
 import ssl
@@ -13,6 +14,8 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 import pytest
 
 import agent
+import auth
+import models
 import server
 
 
@@ -117,3 +120,63 @@ def test_bearer_token_wins_over_netrc(tmp_path, monkeypatch):
 
     assert handler.headers_seen[0].startswith("Basic ")
     assert handler.headers_seen[1] == "Bearer agent-token-0123456789abcdef"
+
+
+# ---------------------------------------------------------------------------
+# Enrolling again after the server rejects the agent token
+# ---------------------------------------------------------------------------
+
+ENROLL = "enrollment-token-0123456789abcdef"
+
+
+@pytest.fixture
+def token_server_url(db):
+    """The real app over HTTP on 127.0.0.1, with an enrollment token and a 1-day agent token lifetime."""
+    config = server.ServerConfig(tokens=auth.TokenConfig.from_tokens(enrollment=[ENROLL]),
+                                 agent_token_lifetime=dt.timedelta(days=1))
+    httpd = make_server("127.0.0.1", 0, server.create_app(config), handler_class=QuietHandler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_client_enrolls_again_after_expiry(token_server_url, tmp_path):
+    credentials_path = str(tmp_path / agent.CREDENTIALS_FILE)
+    client = agent.ServerClient(token_server_url, "web-1", credentials_path=credentials_path,
+                                enrollment_token=ENROLL)
+    client.register(None)
+    first = client.credentials
+    past = models.utc_now() - dt.timedelta(seconds=1)
+    models.Agent.update(token_expires_at=past).where(models.Agent.id == "web-1").execute()
+
+    tasks = client.fetch_tasks()
+
+    assert tasks == []
+    assert first.expires_at is not None
+    assert client.credentials.agent_token != first.agent_token
+    assert agent.load_credentials(credentials_path, "web-1") == client.credentials
+
+
+def test_client_rejected_enrollment_is_401(token_server_url, tmp_path, caplog):
+    """A rejected enrollment keeps status 401, so the report sender keeps the report."""
+    setup = agent.ServerClient(token_server_url, "web-1", enrollment_token=ENROLL)
+    setup.register(None)
+    client = agent.ServerClient(token_server_url, "web-1", enrollment_token=ENROLL)
+    client.credentials = agent.Credentials("web-1", "unknown-agent-token-0123456789", "unused")
+
+    with pytest.raises(agent.ServerError) as raised:
+        client.complete("0fc8e2b2-bc76-4da9-aa06-6ad895c1fdae", {"stdout": "", "exit_code": 0})
+
+    assert raised.value.status == 401
+    assert "returned 409" in str(raised.value)
+    assert "the token is not valid" in caplog.text
+
+
+def test_enrollment_token_file_line_with_expiry(tmp_path):
+    """The agent reads a line of the server's token file, expiry included, as the token alone."""
+    path = tmp_path / "enrollment-tokens"
+    path.write_text(f"# fleet set-up\n\n  {ENROLL} expires=2099-01-31T00:00:00Z\nsecond-token-0123456789abcdef\n")
+
+    assert agent.read_secret_file(str(path)) == ENROLL

@@ -6,11 +6,15 @@ PostgreSQL schema, with a server that has one token of each operator kind.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
+import hmac
+import logging
 
 import pytest
 import webtest
 
+import agent
 import auth
 import models
 import server
@@ -158,8 +162,9 @@ def test_open_server_needs_no_token(db, pusher):
 def test_enroll_returns_credentials(app):
     response = enroll(app, "web-1")
 
-    assert set(response.json) == {"agent_id", "agent_token", "push_secret"}
+    assert set(response.json) == {"agent_id", "agent_token", "push_secret", "expires_at"}
     assert response.json["agent_id"] == "web-1"
+    assert response.json["expires_at"] is None
     assert len(response.json["agent_token"]) >= 43
     assert response.json["agent_token"] != response.json["push_secret"]
 
@@ -353,11 +358,18 @@ def test_token_file_skips_comments_and_blanks(tmp_path):
     path = tmp_path / "admin-tokens"
     path.write_text(f"# operators\n\n  {ADMIN}  \n# old: revoked\n{READ}\n")
 
-    assert auth.read_tokens(str(path), "X", None) == [ADMIN, READ]
+    entries = auth.read_tokens(str(path), "X", None)
+
+    assert [entry.token for entry in entries] == [ADMIN, READ]
+    assert [entry.expires_at for entry in entries] == [None, None]
+    assert [entry.origin for entry in entries] == [f"line 3 of {path}", f"line 5 of {path}"]
 
 
 def test_token_variable_is_comma_separated():
-    assert auth.read_tokens(None, "X", f"{ADMIN}, {READ},") == [ADMIN, READ]
+    entries = auth.read_tokens(None, "X", f"{ADMIN}, {READ},")
+
+    assert [entry.token for entry in entries] == [ADMIN, READ]
+    assert entries[1].origin == "entry 2 of environment variable X"
 
 
 @pytest.mark.parametrize("text", ["short", "has space inside-0123456789", "tab\there-0123456789abc"],
@@ -369,7 +381,7 @@ def test_invalid_token_rejected_without_echo(tmp_path, text):
     with pytest.raises(auth.TokenFileError) as raised:
         auth.read_tokens(str(path), "X", None)
 
-    assert "token 2 of" in str(raised.value)
+    assert f"line 2 of {path}" in str(raised.value)
     assert text not in str(raised.value)
 
 
@@ -378,9 +390,261 @@ def test_missing_token_file_rejected(tmp_path):
         auth.read_tokens(str(tmp_path / "absent"), "X", None)
 
 
-def test_digest_in_checks_every_digest():
-    digests = tuple(auth.token_digest(token) for token in (ADMIN, READ))
+def test_find_token_compares_every_token(monkeypatch):
+    tokens = auth.TokenConfig.from_tokens(admin=[ADMIN], read=[READ], enrollment=[ENROLL])
+    compared = []
+    compare_digest = hmac.compare_digest
 
-    assert auth.digest_in(auth.token_digest(READ), digests)
-    assert not auth.digest_in(auth.token_digest(ENROLL), digests)
-    assert not auth.digest_in(auth.token_digest(READ), ())
+    def counting_compare(a, b):
+        compared.append(b)
+        return compare_digest(a, b)
+
+    monkeypatch.setattr(auth.hmac, "compare_digest", counting_compare)
+    found = auth.find_token(auth.token_digest(ADMIN), tokens.all)
+
+    assert found.kind == "admin"
+    assert compared == [token.digest for token in tokens.all]
+
+
+def test_find_token_returns_none_for_unknown():
+    tokens = auth.TokenConfig.from_tokens(admin=[ADMIN], read=[READ])
+
+    assert auth.find_token(auth.token_digest(READ), tokens.all).kind == "read"
+    assert auth.find_token(auth.token_digest(ENROLL), tokens.all) is None
+    assert auth.find_token(auth.token_digest(READ), ()) is None
+
+
+def test_token_given_twice_acts_as_admin():
+    tokens = auth.TokenConfig.from_tokens(admin=[ADMIN], read=[ADMIN])
+
+    assert auth.find_token(auth.token_digest(ADMIN), tokens.all).kind == "admin"
+
+
+# ---------------------------------------------------------------------------
+# Expiry of operator and enrollment tokens
+# ---------------------------------------------------------------------------
+
+PAST = dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)
+FUTURE = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=365)
+
+
+def test_token_file_reads_expiry(tmp_path):
+    path = tmp_path / "admin-tokens"
+    path.write_text(f"{ADMIN} expires=2027-01-31T00:00:00Z\n{READ}\t expires=2027-01-31T02:30:00+02:00 \n")
+
+    entries = auth.read_tokens(str(path), "X", None)
+
+    assert [entry.token for entry in entries] == [ADMIN, READ]
+    assert entries[0].expires_at == dt.datetime(2027, 1, 31, tzinfo=dt.timezone.utc)
+    assert entries[1].expires_at == dt.datetime(2027, 1, 31, 0, 30, tzinfo=dt.timezone.utc)
+
+
+def test_token_variable_reads_expiry():
+    entries = auth.read_tokens(None, "X", f"{ADMIN} expires=2027-01-31T00:00:00Z,{READ}")
+
+    assert entries[0].expires_at == dt.datetime(2027, 1, 31, tzinfo=dt.timezone.utc)
+    assert entries[1].expires_at is None
+
+
+INVALID_EXPIRIES = {
+    "no-offset": "expires=2027-01-31T00:00:00",
+    "date-only": "expires=2027-01-31",
+    "month-13": "expires=2027-13-01T00:00:00Z",
+    "empty": "expires=",
+    "other-option": "until=2027-01-31T00:00:00Z",
+    "twice": "expires=2027-01-31T00:00:00Z expires=2028-01-31T00:00:00Z",
+    "second-token": "other-token-0123456789abcdef",
+}
+
+
+@pytest.mark.parametrize("suffix", INVALID_EXPIRIES.values(), ids=INVALID_EXPIRIES.keys())
+def test_invalid_expiry_rejected_without_echo(tmp_path, suffix):
+    path = tmp_path / "tokens"
+    path.write_text(f"# comment\n{ADMIN} {suffix}\n")
+
+    with pytest.raises(auth.TokenFileError) as raised:
+        auth.read_tokens(str(path), "X", None)
+
+    assert f"line 2 of {path}" in str(raised.value)
+    assert "expires=" in str(raised.value)
+    assert ADMIN not in str(raised.value)
+    assert "other-token" not in str(raised.value)
+
+
+def test_invalid_expiry_in_variable_names_entry():
+    with pytest.raises(auth.TokenFileError) as raised:
+        auth.read_tokens(None, "TASKSCHEDULER_READ_TOKENS", f"{ADMIN},{READ} expires=tomorrow")
+
+    assert "entry 2 of environment variable TASKSCHEDULER_READ_TOKENS" in str(raised.value)
+    assert READ not in str(raised.value)
+
+
+def test_token_expires_at_its_instant():
+    [token] = auth.TokenConfig.from_tokens(admin=[auth.TokenEntry(ADMIN, FUTURE)]).admin
+
+    assert not token.expired(FUTURE - dt.timedelta(microseconds=1))
+    assert token.expired(FUTURE)
+
+
+def expiring_config(expires_at, lifetime=None):
+    entries = {kind: [auth.TokenEntry(token, expires_at, f"line 1 of {kind}-tokens")]
+               for kind, token in (("admin", ADMIN), ("read", READ), ("enrollment", ENROLL))}
+    return server.ServerConfig(tokens=auth.TokenConfig.from_tokens(**entries),
+                               agent_token_lifetime=lifetime)
+
+
+@pytest.mark.parametrize("config", [expiring_config(PAST)], ids=["expired"])
+@pytest.mark.parametrize("token, kind, method, path", [
+    (ADMIN, "admin", "POST", "/api/v1/tasks/create"),
+    (READ, "read", "GET", "/api/v1/tasks"),
+    (ENROLL, "enrollment", "POST", "/api/v1/agents/web-1/enroll"),
+], ids=["admin", "read", "enrollment"])
+def test_expired_operator_token_is_401(app, caplog, token, kind, method, path):
+    caplog.set_level(logging.INFO, logger="taskscheduler.server")
+
+    response = app.request(path, method=method, headers=bearer(token), expect_errors=True,
+                           content_type="application/json", body=b'{"command": "true", "frequency": "1m"}')
+
+    assert_401(response)
+    assert f"the {kind} token expired at 2020-01-01T00:00:00Z" in response.json["error"]
+    assert "ask an admin" in response.json["error"]
+    assert 'error="invalid_token"' in response.headers["WWW-Authenticate"]
+    assert "expired" in response.headers["WWW-Authenticate"]
+    assert f"{kind} token from line 1 of {kind}-tokens expired at 2020-01-01T00:00:00Z" in caplog.text
+    assert token not in caplog.text
+    assert models.Agent.select().count() == 0
+    assert models.Task.select().count() == 0
+
+
+@pytest.mark.parametrize("config", [expiring_config(FUTURE)], ids=["future"])
+def test_token_before_expiry_accepted(app):
+    create_task(app, token=ADMIN)
+
+    assert app.get("/api/v1/tasks", headers=bearer(READ)).status_int == 200
+    assert enroll(app, "web-1", token=ENROLL).status_int == 201
+
+
+@pytest.mark.parametrize("config", [expiring_config(PAST)], ids=["expired"])
+@pytest.mark.parametrize("method, path", PROTECTED, ids=[f"{m} {p}" for m, p in PROTECTED])
+def test_expired_only_tokens_keep_api_closed(app, config, method, path):
+    for token in (ADMIN, READ, ENROLL, "unknown-token-0123456789abcdef"):
+        response = app.request(path, method=method, headers=bearer(token), expect_errors=True,
+                               content_type="application/json", body=b"{}")
+
+        assert_401(response)
+    assert config.tokens.enabled
+    assert server.binding_problem("0.0.0.0", config.tokens) is None
+
+
+def test_start_warns_of_expired_tokens(caplog):
+    tokens = auth.TokenConfig.from_tokens(
+        admin=[auth.TokenEntry(ADMIN, PAST), "second-admin-token-0123456789"],
+        read=[auth.TokenEntry(READ, PAST)], enrollment=[auth.TokenEntry(ENROLL, FUTURE)])
+    caplog.set_level(logging.INFO, logger="taskscheduler.server")
+
+    server.warn_expired_tokens(tokens, dt.datetime.now(dt.timezone.utc))
+
+    assert "1 admin, 1 read and 0 enrollment tokens have already expired" in caplog.text
+    assert "every token has expired" not in caplog.text
+    assert ADMIN not in caplog.text and READ not in caplog.text
+
+
+def test_start_warns_when_every_token_expired(caplog):
+    tokens = expiring_config(PAST).tokens
+    caplog.set_level(logging.INFO, logger="taskscheduler.server")
+
+    server.warn_expired_tokens(tokens, dt.datetime.now(dt.timezone.utc))
+
+    assert "1 admin, 1 read and 1 enrollment tokens have already expired" in caplog.text
+    assert "every token has expired" in caplog.text
+
+
+def test_start_is_quiet_without_expired_tokens(caplog):
+    caplog.set_level(logging.INFO, logger="taskscheduler.server")
+
+    server.warn_expired_tokens(expiring_config(FUTURE).tokens, dt.datetime.now(dt.timezone.utc))
+
+    assert caplog.text == ""
+
+
+# ---------------------------------------------------------------------------
+# Agent token lifetime
+# ---------------------------------------------------------------------------
+
+
+def expire_agent_token(agent_id):
+    """Move the agent's token expiry into the past, as if its lifetime had passed."""
+    past = models.utc_now() - dt.timedelta(seconds=1)
+    models.Agent.update(token_expires_at=past).where(models.Agent.id == agent_id).execute()
+
+
+@pytest.mark.parametrize("config", [expiring_config(None, dt.timedelta(days=2))], ids=["2-days"])
+def test_enroll_returns_expiry(app):
+    response = enroll(app, "web-1")
+
+    row = models.Agent.get(models.Agent.id == "web-1")
+    assert row.token_expires_at - row.enrolled_at == dt.timedelta(days=2)
+    assert agent.parse_time(response.json["expires_at"]).replace(tzinfo=None) == row.token_expires_at
+
+
+def test_enroll_without_lifetime_never_expires(app):
+    agent_token = enrolled_agent(app, "web-1")
+
+    row = models.Agent.get(models.Agent.id == "web-1")
+    assert row.token_expires_at is None
+    assert app.get("/api/v1/agents/web-1/tasks", headers=bearer(agent_token)).status_int == 200
+
+
+@pytest.mark.parametrize("config", [expiring_config(None, dt.timedelta(days=2))], ids=["2-days"])
+def test_expired_agent_token_is_401(app, caplog):
+    agent_token = enrolled_agent(app, "web-1")
+    expire_agent_token("web-1")
+    caplog.set_level(logging.INFO, logger="taskscheduler.server")
+
+    response = app.get("/api/v1/agents/web-1/tasks", headers=bearer(agent_token), expect_errors=True)
+
+    assert_401(response)
+    assert "the agent token of web-1 expired at" in response.json["error"]
+    assert "POST /api/v1/agents/web-1/enroll" in response.json["error"]
+    assert 'error="invalid_token"' in response.headers["WWW-Authenticate"]
+    assert "agent token of web-1 expired at" in caplog.text
+    assert agent_token not in caplog.text
+
+
+@pytest.mark.parametrize("config", [expiring_config(None, dt.timedelta(days=2))], ids=["2-days"])
+def test_expired_agent_enrolls_again(app, caplog):
+    old_token = enrolled_agent(app, "web-1")
+    expire_agent_token("web-1")
+    caplog.set_level(logging.INFO, logger="taskscheduler.server")
+
+    response = enroll(app, "web-1")
+    old_refused = app.get("/api/v1/agents/web-1/tasks", headers=bearer(old_token), expect_errors=True)
+    new_token = response.json["agent_token"]
+
+    assert new_token != old_token
+    assert response.json["expires_at"] is not None
+    assert app.get("/api/v1/agents/web-1/tasks", headers=bearer(new_token)).status_int == 200
+    assert_401(old_refused)
+    assert "not valid" in old_refused.json["error"]
+    warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert any("replacing its token that expired at" in record.getMessage() for record in warnings)
+
+
+@pytest.mark.parametrize("config", [expiring_config(None, dt.timedelta(days=2))], ids=["2-days"])
+def test_unexpired_agent_enroll_still_409(app):
+    agent_token = enrolled_agent(app, "web-1")
+
+    enroll(app, "web-1", status=409)
+
+    assert app.get("/api/v1/agents/web-1/tasks", headers=bearer(agent_token)).status_int == 200
+
+
+@pytest.mark.parametrize("config", [expiring_config(None, dt.timedelta(days=2))], ids=["2-days"])
+def test_revoke_clears_expiry(app):
+    enrolled_agent(app, "web-1")
+
+    app.delete("/api/v1/agents/web-1/token", headers=bearer(ADMIN))
+
+    row = models.Agent.get(models.Agent.id == "web-1")
+    assert row.token_hash is None
+    assert row.token_expires_at is None

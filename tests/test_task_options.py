@@ -20,6 +20,7 @@ import webtest
 from playhouse.db_url import connect
 
 import agent
+import auth
 import executions
 import models
 import server
@@ -552,7 +553,7 @@ OLD_SCHEMA = {
 NEW_COLUMNS = {
     "task": ["timezone", "catchup", "overlap", "jitter", "timeout"],
     "result": ["missed_slots", "first_missed", "late", "reason"],
-    "agent": ["token_hash", "push_secret", "enrolled_at"],
+    "agent": ["token_hash", "push_secret", "enrolled_at", "token_expires_at"],
 }
 OLD_TASK_ID = "6f1c1f0e-5b7a-4c52-9a3e-0d2a7b6c1e11"
 
@@ -664,6 +665,40 @@ def test_upgraded_stores_new_report_fields(upgraded_app):
     assert output["missed_slots"] == 2
     assert output["first_missed"] == "2026-01-05T09:00:00Z"
     assert output["reason"] == "agent stopped"
+
+
+def test_upgraded_enrolled_agent_keeps_token(old_database_url, pusher):
+    """An agent enrolled by the version before token lifetimes keeps its token, which never expires."""
+    old_token = "agent-token-of-the-previous-version-0123"
+    execute_each(old_database_url, [
+        ('ALTER TABLE "agent" ADD COLUMN "token_hash" VARCHAR(64)', ()),
+        ('ALTER TABLE "agent" ADD COLUMN "push_secret" VARCHAR(128)', ()),
+        ('ALTER TABLE "agent" ADD COLUMN "enrolled_at" TIMESTAMP', ()),
+        ('INSERT INTO "agent" ("id", "hostname", "platform", "version", "registered_at", '
+         '"last_seen_at", "token_hash", "push_secret", "enrolled_at") '
+         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         ("old-1", "", "", "", "2026-01-01 00:00:00", "2026-01-01 00:00:00",
+          auth.token_digest(old_token).hex(), "old-push-secret", "2026-01-01 00:00:00")),
+    ])
+    enrollment = "enrollment-token-0123456789abcdef"
+    config = server.ServerConfig(tokens=auth.TokenConfig.from_tokens(enrollment=[enrollment]),
+                                 agent_token_lifetime=dt.timedelta(days=1))
+    database = models.open_database(old_database_url)
+    try:
+        app = webtest.TestApp(server.create_app(config, pusher=pusher))
+        old_agent_tasks = app.get("/api/v1/agents/old-1/tasks",
+                                  headers={"Authorization": f"Bearer {old_token}"})
+        enrolled = app.post("/api/v1/agents/new-1/enroll", headers={"Authorization": f"Bearer {enrollment}"})
+        with database.connection_context():
+            old_row = models.Agent.get_by_id("old-1")
+            new_row = models.Agent.get_by_id("new-1")
+    finally:
+        database.close()
+
+    assert old_agent_tasks.status_int == 200
+    assert old_row.token_expires_at is None
+    assert new_row.token_expires_at == new_row.enrolled_at + dt.timedelta(days=1)
+    assert enrolled.json["expires_at"] is not None
 
 
 @pytest.mark.parametrize("schema", ["fresh", "upgraded"])
