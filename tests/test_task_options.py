@@ -25,6 +25,7 @@ import executions
 import models
 import server
 from agent import UTC, parse_frequency, parse_time
+from conftest import RecordingPusher
 
 OPTIONS = {"timezone": "Europe/Berlin", "catchup": 300, "overlap": "replace", "jitter": 2.5,
            "timeout": 90}
@@ -141,6 +142,29 @@ def test_agent_list_accepted_by_agent(app):
     for item in items:
         assert list(item) == TASK_FIELDS
         assert agent.Task.from_json(item).to_json() == item
+
+
+def test_sync_prunes_runs_at_interval(db, config, tmp_path, monkeypatch):
+    http_server = waitress.create_server(server.create_app(config, pusher=RecordingPusher()),
+                                         host="127.0.0.1", port=0, threads=2)
+    threading.Thread(target=http_server.run, daemon=True).start()
+    syncing_agent = agent.Agent(server_url=f"http://127.0.0.1:{http_server.effective_port}",
+                                state_dir=str(tmp_path / "agent"), agent_id="prune-1")
+    pruned: list[float] = []
+    prune_runs = syncing_agent.store.prune_runs
+    monkeypatch.setattr(syncing_agent.store, "prune_runs", lambda: (pruned.append(1), prune_runs()))
+    try:
+        for _ in range(3):
+            assert syncing_agent.sync_once()
+        # Pruning holds the store's lock, so it runs once per interval, not at every sync.
+        assert len(pruned) == 1
+        monkeypatch.setattr(syncing_agent, "PRUNE_INTERVAL_SECONDS", 0.0)
+        assert syncing_agent.sync_once()
+        assert len(pruned) == 2
+    finally:
+        http_server.close()
+        syncing_agent.wait_for_runs()
+        syncing_agent.store.close()
 
 
 def test_push_reaches_real_agent(db, config, tmp_path):
