@@ -75,7 +75,7 @@ class AgentStateWatcher:
             except (peewee.OperationalError, peewee.InterfaceError) as error:
                 if not self.database_failing:
                     log.warning("agent state check failed, retrying every %.0f s: the database did "
-                                "not answer: %s", self.interval, error)
+                                "not respond: %s", self.interval, error)
                 self.database_failing = True
                 continue
             if self.database_failing:

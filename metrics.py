@@ -4,7 +4,7 @@ Counters and histograms live in memory, per process, from its start: requests by
 and status, their durations, and the reports stored by status. The agent gauges
 (online and offline agents, each agent's outbox depth and last contact) are read from
 the database at each scrape, so every server on one database returns the same values.
-When the database does not answer, the scrape still succeeds, with
+When the database does not respond, the scrape still succeeds, with
 `taskscheduler_database_up 0` and without the agent gauges.
 """
 
@@ -49,13 +49,13 @@ class AgentCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         database_up = GaugeMetricFamily("taskscheduler_database_up",
-                                        "1 if the database answered this scrape's queries, else 0")
+                                        "1 if the database responded to this scrape's query, else 0")
         try:
             with database.connection_context():
                 agents = list(Agent.select(Agent.id, Agent.last_seen_at, Agent.outbox_depth,
                                            Agent.outbox_dropped).order_by(Agent.id))
         except (peewee.OperationalError, peewee.InterfaceError) as error:
-            log.warning("metrics: the database did not answer: %s", error)
+            log.warning("metrics: the database did not respond: %s", error)
             database_up.add_metric([], 0)
             yield database_up
             return

@@ -197,7 +197,7 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
     def healthz():
         return json_response({"status": "ok"})
 
-    # Ready while the database answers a trivial query, so that a load balancer sends
+    # Ready while the database responds to a trivial query, so that a load balancer sends
     # requests only to servers that can serve them.
     @app.get("/readyz", skip=[database_plugin])
     def readyz():
@@ -205,8 +205,8 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
             with database.connection_context():
                 database.execute_sql("SELECT 1")
         except (peewee.OperationalError, peewee.InterfaceError) as error:
-            log.warning("readiness check failed: the database did not answer: %s", error)
-            return api_error(503, "not ready: the database did not answer; the server log has the details")
+            log.warning("readiness check failed: the database did not respond: %s", error)
+            return api_error(503, "not ready: the database did not respond; the server log has the details")
         return json_response({"status": "ready"})
 
     @app.get(OPENAPI_PATH, skip=[database_plugin])

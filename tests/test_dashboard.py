@@ -179,7 +179,8 @@ def test_pages_load_nothing_external(app):
 
         assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in text
         assert f'<meta http-equiv="refresh" content="{dashboard.REFRESH_SECONDS}">' in text
-        assert "http://" not in text and "https://" not in text
+        assert "http://" not in text
+        assert "https://" not in text
         assert "<script" not in text
         assert "<link" not in text
         assert " src=" not in text

@@ -55,7 +55,7 @@ def test_readyz_503_without_database(app, unreachable_database, caplog):
     response = app.get("/readyz", status=503)
 
     assert response.content_type == "application/json"
-    assert response.json["error"].startswith("not ready: the database did not answer")
+    assert response.json["error"].startswith("not ready: the database did not respond")
     assert "readiness check failed" in caplog.text
 
 
@@ -82,7 +82,7 @@ def test_readyz_follows_database_outage(tmp_path):
         postgres.start()
         wait_until(lambda: requests.get(server_process.url + "/readyz", timeout=10).status_code == 200,
                    20, lambda: f"/readyz stayed 503 after PostgreSQL came back\n{cluster.log_tails()}")
-        assert "readiness check failed: the database did not answer" in server_process.log_text()
+        assert "readiness check failed: the database did not respond" in server_process.log_text()
     finally:
         cluster.stop_all()
         postgres.remove()
