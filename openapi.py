@@ -326,6 +326,7 @@ SCHEMAS: dict[str, Any] = {
                                       "enrolls again with the enrollment token"},
     }, required=["agent_id", "agent_token", "push_secret", "expires_at"]),
     "Health": closed_object({"status": {"type": "string", "const": "ok"}}, required=["status"]),
+    "Ready": closed_object({"status": {"type": "string", "const": "ready"}}, required=["status"]),
 }
 
 SECURITY_SCHEMES = {
@@ -353,6 +354,17 @@ PATHS: dict[str, dict[str, dict]] = {
     "/healthz": {"get": operation(
         "health", "Return 200 while the process is up, even when the database is down.", PUBLIC,
         {"200": json_response("The process is up.", {"$ref": "#/components/schemas/Health"})},
+        tag="service")},
+    "/readyz": {"get": operation(
+        "ready", "Return 200 while the database answers a trivial query, and 503 otherwise.", PUBLIC,
+        {"200": json_response("The database answered.", {"$ref": "#/components/schemas/Ready"}),
+         "503": error_response("The database did not answer; the server log has the error.")},
+        tag="service")},
+    "/metrics": {"get": operation(
+        "metrics", "Return the server's Prometheus metrics in the text format 0.0.4. HTTP Basic "
+        "authentication with the token as the password is accepted too.", OPERATOR_READ,
+        {"200": {"description": "The metrics.",
+                 "content": {"text/plain": {"schema": {"type": "string"}}}}},
         tag="service")},
     OPENAPI_PATH: {"get": operation(
         "openapi", "Return this OpenAPI document.", PUBLIC,

@@ -28,8 +28,10 @@ import waitress
 
 from agent import (AGENT_ID_PATTERN, UTC, FrequencyError, TaskError, check_jitter, configure_logging,
                    format_time, parse_frequency, printable, validate_task_options, zone_for)
+from agent_states import AgentStateWatcher
 from auth import (TokenConfig, TokenFileError, add_enrollment_routes, authenticate, forbidden,
-                  may_report, read_tokens, require_agent, require_operator)
+                  may_report, read_tokens, require_agent, require_operator, unauthorized)
+from dashboard import add_dashboard_routes, is_reader_token, presented_token
 from executions import latest_complete_execution
 from jsonapi import (MAX_BODY_BYTES, MAX_COMMAND_LENGTH, MAX_FREQUENCY_LENGTH, MAX_HOSTNAME_LENGTH,
                      MAX_OUTPUT_LENGTH, MAX_PLATFORM_LENGTH, MAX_PUSH_URL_LENGTH, MAX_REASON_LENGTH,
@@ -39,6 +41,7 @@ from jsonapi import (MAX_BODY_BYTES, MAX_COMMAND_LENGTH, MAX_FREQUENCY_LENGTH, M
                      optional_output, optional_time, read_json_object, read_missed_range,
                      render_http_error, required_string, seconds_json, time_text,
                      use_json_error_responses)
+from metrics import install_metrics
 from models import Agent, Result, Task, database, open_database, sqlite_url, utc_now
 from openapi import OPENAPI_PATH, build_spec
 from push import PushTarget, TaskPusher
@@ -171,6 +174,15 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
     app.config["taskscheduler.pusher"] = pusher
     tokens = config.tokens
     add_enrollment_routes(app, tokens, AGENT_ID_PATTERN, config.agent_token_lifetime)
+    add_dashboard_routes(app, config)
+
+    def authorize_metrics():
+        # Only operator tokens, which need no database lookup, so scrapes work while it is down.
+        if tokens.enabled and not is_reader_token(tokens, presented_token()):
+            raise unauthorized("GET /metrics needs an admin or read token: send the header "
+                               "Authorization: Bearer TOKEN", invalid_token=False)
+
+    metrics = install_metrics(app, config.agent_timeout, authorize_metrics, skip=[database_plugin])
 
     def find_task(task_id: str) -> Task:
         task_id = task_id.lower()  # UUIDs compare without case; ids are stored in lower case
@@ -186,6 +198,18 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
     @app.get("/healthz", skip=[database_plugin])
     def healthz():
         return json_response({"status": "ok"})
+
+    # Ready while the database responds to a trivial query, so that a load balancer sends
+    # requests only to servers that can serve them.
+    @app.get("/readyz", skip=[database_plugin])
+    def readyz():
+        try:
+            with database.connection_context():
+                database.execute_sql("SELECT 1")
+        except (peewee.OperationalError, peewee.InterfaceError) as error:
+            log.warning("readiness check failed: the database did not respond: %s", error)
+            return api_error(503, "not ready: the database did not respond; the server log has the details")
+        return json_response({"status": "ready"})
 
     @app.get(OPENAPI_PATH, skip=[database_plugin])
     def openapi_document():
@@ -349,6 +373,8 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
             Agent.update(last_seen_at=now).where(Agent.id == agent_id).execute()
         body = {"task_id": task.id, "agent_id": agent_id,
                 "scheduled_for": time_text(scheduled_for), "duplicate": inserted == 0}
+        if inserted:
+            metrics.record_report(status, scheduled_for, finished_at, missed_slots)
         if inserted == 0:
             log.info("duplicate report of task %s slot %s from agent %s ignored",
                      task.id, time_text(scheduled_for), agent_id)
@@ -643,12 +669,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         log.warning("no tokens are set, so the API is unauthenticated: anyone who can reach "
                     "%s:%s can create commands that every agent runs. This is safe only on this "
                     "host's loopback address; %s", args.host, server.effective_port, TOKEN_HELP)
+    watcher = AgentStateWatcher(args.agent_timeout)
+    watcher.start()
     try:
         server.run()
     except KeyboardInterrupt:
         pass  # waitress usually handles it inside run() and returns
     finally:
         log.info("stopping")
+        watcher.stop()
         server.close()
         app.config["taskscheduler.pusher"].shutdown()
         db.close()

@@ -337,6 +337,31 @@ SHARED_HARDENING = {
 }
 
 
+def comment_above(path: Path, key: str) -> str:
+    """Return the comment lines right above the unit's `key=` line, joined."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    index = next(number for number, line in enumerate(lines) if line.startswith(f"{key}="))
+    comment = []
+    for line in reversed(lines[:index]):
+        if not line.startswith("#"):
+            break
+        comment.append(line.lstrip("# "))
+    return " ".join(reversed(comment))
+
+
+@pytest.mark.parametrize("program", PROGRAMS)
+@pytest.mark.parametrize("key, words", [("KillSignal", "SIGTERM, because"),
+                                        ("Restart", "on-failure, not always"),
+                                        ("TimeoutStopSec", "TimeoutStopSec")])
+def test_unit_states_stop_and_restart_reasons(program, key, words):
+    text = comment_above(unit_path(program), key)
+    if key == "TimeoutStopSec":
+        # KillSignal and TimeoutStopSec share one comment above KillSignal.
+        text = comment_above(unit_path(program), "KillSignal")
+
+    assert words in text, f"{program} unit: no reason for {key} in the comment above it"
+
+
 @pytest.mark.parametrize("program", PROGRAMS)
 def test_unit_runs_as_dedicated_user_with_hardening(program):
     unit = read_unit(unit_path(program))

@@ -1,0 +1,3 @@
+% rebase("layout.tpl", title=title)
+<h1>{{title}}</h1>
+<p>{{message}}</p>
