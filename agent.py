@@ -2543,6 +2543,9 @@ class Agent:
         outbox like any other. It ignores the task's `overlap` policy and counts
         towards `--max-concurrent-runs`. Its `TASKSCHEDULER_SCHEDULED_FOR` is the
         request instant.
+
+        NOTE: `prune_runs` keeps the newest rows per key, and each manual run has a key of
+        its own, so the row of every manual run stays in `agent.db` (one small row each).
         """
         by_id = {task.task_id: task for task in tasks}
         for task_id, run_id, requested_at in manual_runs:

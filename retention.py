@@ -3,8 +3,8 @@
 A task keeps the reports of its newest `keep_runs` executions (distinct `scheduled_for`
 instants; a manual run counts as one) and none older than `keep_days`. A deleted task
 goes, with its manual runs, once none of its reports is left. Deletes run in batches of
-`batch_size` rows, each its own short transaction, so requests never wait long for the
-database lock.
+`batch_size` rows, each its own transaction, so a request that needs the database lock
+waits for one batch at most, not for the whole pruning.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ log = logging.getLogger("taskscheduler.retention")
 
 @dataclasses.dataclass(frozen=True)
 class RetentionPolicy:
-    """What history the server keeps, and how often it prunes the rest."""
+    """The history limits of a server, and the interval between two prunings."""
 
     keep_runs: int = 100
     keep_days: float = 30.0

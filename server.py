@@ -40,7 +40,8 @@ from jsonapi import (MAX_BODY_BYTES, MAX_COMMAND_LENGTH, MAX_FREQUENCY_LENGTH, M
                      optional_output, optional_time, read_json_object, read_missed_range,
                      render_http_error, required_string, seconds_json, time_text,
                      use_json_error_responses)
-from models import Agent, ManualRun, Result, Task, database, open_database, sqlite_url, utc_now
+from models import (TASK_STATES, Agent, ManualRun, Result, Task, database, open_database, sqlite_url,
+                    utc_now)
 from openapi import OPENAPI_PATH, build_spec
 from pagination import encode_cursor, read_cursor, read_limit
 from push import PushTarget, TaskPusher
@@ -121,7 +122,6 @@ def task_view(task: Task) -> dict:
 # How long after its request an agent still starts a manual run. An agent that does not
 # sync within this time never runs it.
 MANUAL_RUN_WINDOW = dt.timedelta(hours=1)
-TASK_LIST_STATES = ("active", "paused", "deleted")
 # The fields a create or PATCH request may set; others are ignored.
 DEFINITION_FIELDS = ("command", "frequency", "timezone", "catchup", "overlap", "jitter", "timeout",
                      "environment", "agents", "labels")
@@ -319,10 +319,10 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
         query = Task.select()
         if state is None:
             query = query.where(Task.state != "deleted")
-        elif state in TASK_LIST_STATES:
+        elif state in TASK_STATES:
             query = query.where(Task.state == state)
         else:
-            raise api_error(400, f"state must be one of {', '.join(TASK_LIST_STATES)}", "state")
+            raise api_error(400, f"state must be one of {', '.join(TASK_STATES)}", "state")
         if after is not None:
             created_at, last_id = after
             query = query.where((Task.created_at > created_at)

@@ -416,7 +416,7 @@ def test_latest_output_ignores_untargeted_agents(app):
 
     latest = app.get(f"/api/v1/tasks/{task_id}/latest_output").json
 
-    # db-1 is online but not targeted, so it neither holds the execution back nor is missing.
+    # db-1 is online but not targeted, so it neither delays the execution nor counts as missing.
     assert latest["complete_reason"] == "all_reported"
     assert latest["not_reported"] == []
 
