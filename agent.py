@@ -715,6 +715,49 @@ def _environment_option(value: object) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(value.items()))
 
 
+LABEL_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?")
+LABEL_VALUE = re.compile(r"([A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?")
+MAX_LABELS = 32
+
+
+def check_labels(value: object, field: str = "labels") -> dict[str, str]:
+    """Return a JSON object of labels as a dict, or raise TaskError naming `field`.
+
+    Names are 1-63 letters, digits, '.', '_', '-' or '/', and values at most 63 letters,
+    digits, '.', '_' or '-', both starting and ending with a letter or digit, as in
+    Kubernetes labels.
+    """
+    if not isinstance(value, dict):
+        raise TaskError(field, f'{field} must be an object of label names to values, such as '
+                               '{"role": "web", "region": "eu"}')
+    if len(value) > MAX_LABELS:
+        raise TaskError(field, f"{field} has more than {MAX_LABELS} labels")
+    for name, text in value.items():
+        if not LABEL_NAME.fullmatch(name):
+            raise TaskError(field, f"label name {name!r} is invalid: use 1-63 letters, digits, "
+                                   "'.', '_', '-' or '/', starting and ending with a letter or digit")
+        if not isinstance(text, str) or not LABEL_VALUE.fullmatch(text):
+            raise TaskError(field, f"label {name} has an invalid value: use a string of at most 63 "
+                                   "letters, digits, '.', '_' or '-', starting and ending with a "
+                                   "letter or digit")
+    return dict(value)
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    """Parse `role=web,region=eu` into a dict of labels, or raise TaskError."""
+    labels: dict[str, str] = {}
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, equals, value = item.partition("=")
+        if not equals:
+            raise TaskError("labels", f"label {item!r} has no '=': write NAME=VALUE pairs separated "
+                                      "by commas, such as role=web,region=eu")
+        labels[name.strip()] = value.strip()
+    return check_labels(labels)
+
+
 @dataclasses.dataclass
 class RunResult:
     """One run (or skipped or missed slot) of a task on this host, as reported to the server."""
@@ -2025,6 +2068,11 @@ class ServerClient:
         self.enrollment_token = enrollment_token
         self.credentials = load_credentials(credentials_path, agent_id) if credentials_path else None
         self._enroll_lock = threading.Lock()
+        # The agent's labels, sent at every registration; the server lists only the tasks
+        # that target this agent by id or by labels.
+        self.labels: dict[str, str] = {}
+        # The manual runs of the last task list that changed, as (task id, run id, request instant).
+        self.manual_runs: list[tuple[str, str, dt.datetime]] = []
 
     @property
     def push_secret(self) -> Optional[str]:
@@ -2178,12 +2226,17 @@ class ServerClient:
         return answer
 
     def register(self, push_url: Optional[str], outbox: Optional[dict] = None) -> dict:
-        return self._request("PUT", f"/api/v1/agents/{self.agent_id}", dict({
+        # `clock` is read last, just before sending, so that the server's offset
+        # estimate includes as little of the agent's own delay as possible.
+        body = dict({
             "hostname": socket.gethostname(),
             "platform": f"{platform.system()} {platform.release()} {platform.machine()}".strip(),
             "version": __version__,
             "push_url": push_url,
-        }, **(outbox or {})))
+            "labels": self.labels,
+        }, **(outbox or {}))
+        body["clock"] = format_time(dt.datetime.now(UTC))
+        return self._request("PUT", f"/api/v1/agents/{self.agent_id}", body)
 
     def fetch_tasks(self, only_if_changed: bool = False) -> Optional[list[Task]]:
         """Fetch the agent's task list.
@@ -2200,11 +2253,16 @@ class ServerClient:
         if not isinstance(items, list):
             raise ServerError(f"the task list from {redact_url(self.base_url)} has no list of tasks")
         tasks = []
+        manual_runs = []
         for item in items:
             try:
-                tasks.append(Task.from_json(item))
+                task = Task.from_json(item)
             except ValueError as error:
                 log.error("server sent a task that is not valid, skipped: %s", error)
+                continue
+            tasks.append(task)
+            manual_runs += _manual_runs_of(task.task_id, item.get("manual_runs"))
+        self.manual_runs = manual_runs
         return tasks
 
     def forget_task_list(self) -> None:
@@ -2214,6 +2272,39 @@ class ServerClient:
     def complete(self, task_id: str, payload: dict) -> dict:
         body = dict(payload, server_id=self.agent_id)
         return self._request("POST", f"/api/v1/tasks/{urllib.parse.quote(task_id, safe='')}/complete", body)
+
+
+def _manual_runs_of(task_id: str, items: object) -> list[tuple[str, str, dt.datetime]]:
+    """Return the valid entries of a task's `manual_runs` list; log and skip the others."""
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        log.error("task %s: manual_runs is not a list, ignored", task_id)
+        return []
+    runs = []
+    for item in items:
+        run_id = item.get("run_id") if isinstance(item, dict) else None
+        try:
+            if not isinstance(run_id, str) or not TASK_ID_PATTERN.fullmatch(run_id):
+                raise ValueError(f"run_id {run_id!r} is not 1-64 letters, digits, '.', '_' or '-'")
+            requested_at = parse_time(item.get("requested_at"))
+        except ValueError as error:
+            log.error("task %s: manual run entry ignored: %s", task_id, error)
+            continue
+        runs.append((task_id, run_id, requested_at))
+    return runs
+
+
+def manual_run_key(task_id: str, run_id: str) -> str:
+    """Return the `runs` table key of a manual run.
+
+    It differs from every task id ('@' is not allowed in one), so a manual run never
+    counts as a handled slot of its task.
+    """
+    return f"{task_id}{MANUAL_RUN_SEPARATOR}{run_id}"
+
+
+MANUAL_RUN_SEPARATOR = "@"
 
 
 class Backoff:
@@ -2260,8 +2351,11 @@ class ReportSender:
             if not batch:
                 return True
             for task_id, slot_key, payload in batch:
+                report_task_id, _, manual_run_id = task_id.partition(MANUAL_RUN_SEPARATOR)
+                if manual_run_id:
+                    payload = dict(payload, trigger="manual", manual_run_id=manual_run_id)
                 try:
-                    self.client.complete(task_id, payload)
+                    self.client.complete(report_task_id, payload)
                 except ServerError as error:
                     if error.status is not None and 400 <= error.status < 500 \
                             and error.status not in (401, 408, 429):
@@ -2461,6 +2555,37 @@ class Agent:
             self._active_runs += 1
         handle.future = self.pool.submit(self._run, handle, late)
 
+    def start_manual_runs(self, tasks: list[Task], manual_runs: list[tuple[str, str, dt.datetime]]) -> None:
+        """Start each manual run that this agent has not started before, once.
+
+        A manual run is recorded in the `runs` table under its own key before it starts,
+        so it runs once across syncs and restarts, and its report goes through the
+        outbox like any other. It ignores the task's `overlap` policy and counts
+        towards `--max-concurrent-runs`. Its `TASKSCHEDULER_SCHEDULED_FOR` is the
+        request instant.
+
+        NOTE: `prune_runs` keeps the newest rows per key, and each manual run has a key of
+        its own, so the row of every manual run stays in `agent.db` (one small row each).
+        """
+        by_id = {task.task_id: task for task in tasks}
+        for task_id, run_id, requested_at in manual_runs:
+            task = by_id.get(task_id)
+            key = manual_run_key(task_id, run_id)
+            if task is None or not self.store.record_start(key, requested_at):
+                continue
+            log.info("task %s manual run %s requested at %s starts", task_id, run_id,
+                     format_time(requested_at))
+            self.pool.submit(self._run_manual, task, key, requested_at)
+
+    def _run_manual(self, task: Task, key: str, requested_at: dt.datetime) -> None:
+        try:
+            result = self.runner.run(task, requested_at, RunHandle(task, requested_at))
+            result.task_id = key
+            log.info("task %s %s: exit code %s", key, result.status, result.exit_code)
+            self.results.submit(result)
+        except Exception:
+            log.exception("task %s: the manual run failed inside the agent", key)
+
     def _record_skipped(self, task: Task, slot: dt.datetime, reason: str) -> None:
         now = self.clock.now()
         recorded = self.store.record_outcome(RunResult(
@@ -2535,6 +2660,7 @@ class Agent:
             changed = self.store.replace_tasks(tasks)
             log.debug("sync: %d tasks, changed: %s", len(tasks), changed)
             self.scheduler.request_reconcile(tasks)
+            self.start_manual_runs(tasks, self.client.manual_runs)
         monotonic = time.monotonic()
         if monotonic - self._pruned_at >= self.PRUNE_INTERVAL_SECONDS:
             self._pruned_at = monotonic
@@ -2924,6 +3050,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--id", dest="agent_id", default=os.environ.get("TASKSCHEDULER_AGENT_ID"),
                         help="agent id, 1-64 letters, digits, '.', '_' or '-' (env TASKSCHEDULER_AGENT_ID; "
                              "default: the stored id, or HOSTNAME-RANDOM generated on first start)")
+    parser.add_argument("--labels", default=os.environ.get("TASKSCHEDULER_AGENT_LABELS", ""),
+                        metavar="NAME=VALUE[,NAME=VALUE...]",
+                        help="labels that tasks select agents by, such as role=web,region=eu "
+                             "(env TASKSCHEDULER_AGENT_LABELS; default: none)")
     parser.add_argument("--enrollment-token-file", metavar="PATH",
                         help="file holding the server's enrollment token, used to enroll when "
                              "the server requires tokens and again when the server rejects the "
@@ -2971,6 +3101,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         if problem is not None:
             print(f"agent.py: error: {problem}", file=sys.stderr)
             return 2
+    try:
+        labels = parse_labels(args.labels)
+    except TaskError as error:
+        print(f"agent.py: error: --labels is invalid: {error}", file=sys.stderr)
+        return 2
     # The first word of the first entry, as in read_secret_file, so the server's form
     # `TOKEN expires=...` works too.
     words = (os.environ.get("TASKSCHEDULER_ENROLLMENT_TOKEN") or "").split(",")[0].split()
@@ -3023,11 +3158,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             shown_host = f"[{shown_host}]" if ":" in shown_host else shown_host
             push_url = f"http://{shown_host}:{bound_port}"
     agent.push_url = push_url
+    agent.client.labels = labels
 
-    log.info("agent %s: servers %s, state dir %s, push URL %s, sync every %.1f s, at most %d runs "
-             "at once (%s beyond), outbox size %d, TLS verification %s, %s", agent.agent_id,
+    log.info("agent %s: servers %s, state dir %s, push URL %s, labels %s, sync every %.1f s, "
+             "at most %d runs at once (%s beyond), outbox size %d, TLS verification %s, %s",
+             agent.agent_id,
              ", ".join(redact_url(url) for url in server_urls),
-             os.path.abspath(args.state_dir), push_url or "none", args.sync_interval,
+             os.path.abspath(args.state_dir), push_url or "none",
+             ",".join(f"{name}={value}" for name, value in sorted(labels.items())) or "none",
+             args.sync_interval,
              args.max_concurrent_runs, args.when_busy, args.outbox_size,
              "off (--insecure)" if verify is False else f"against {verify}" if verify is not True
              else "on", "enrolled" if agent.client.credentials is not None

@@ -28,6 +28,7 @@ import bottle
 from agent import UTC, format_time, parse_time
 from jsonapi import api_error, json_response, time_text
 from models import Agent, Task, database, utc_now
+from targeting import targets_agent_id
 
 log = logging.getLogger("taskscheduler.server")
 
@@ -316,16 +317,17 @@ def require_agent(tokens: TokenConfig, agent_id: str) -> Identity:
 def may_report(identity: Identity, task: Task, agent_id: str) -> Optional[str]:
     """Return why `identity` may not report a run of `task` as agent `agent_id`, or None.
 
-    Every task runs on every agent, so an enrolled agent may report every task as itself.
-    Targeting tasks to some agents extends this check.
+    An agent may report, as itself, the tasks that target it (`targeting.targets`). The
+    targeting check applies on a server without tokens too.
     """
-    if identity.kind == "open":
-        return None
-    if identity.kind != "agent":
+    if identity.kind not in ("open", "agent"):
         return f"reports need the reporting agent's own token; this is {describe(identity)}"
-    if identity.agent_id != agent_id:
+    if identity.kind == "agent" and identity.agent_id != agent_id:
         return (f"server_id {agent_id} is another agent; the token belongs to agent "
                 f"{identity.agent_id}, which may report only as itself")
+    if not targets_agent_id(task, agent_id):
+        return (f"task {task.id} does not target agent {agent_id}, so the agent may not report it; "
+                f"GET /api/v1/tasks/{task.id} shows its agents or labels")
     return None
 
 

@@ -3,12 +3,14 @@
 An execution is one slot of a task (`scheduled_for`), run by every agent. It is
 complete when every expected agent has reported it, or when its deadline has passed:
 
-- expected agents: agents that registered no later than the slot and that the server
-  has heard from within the agent timeout (they are online now);
+- expected agents: agents that the task targets, that registered no later than the
+  slot and that the server has heard from within the agent timeout (they are online now);
 - deadline: the slot plus the task's period (the time to its next slot) plus the report
   grace, so an agent that went silent delays an execution for at most that long.
 
 An execution that no agent reported is never complete, because it has no output.
+Manual runs (`trigger` manual) are not executions of the schedule and are never served
+here; the run history lists them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Iterator, Optional
 
 from agent import UTC, parse_frequency
 from models import Agent, Result, Task
+from targeting import agent_labels, targets
 
 # Slots read from the database at a time, newest first.
 PAGE_SIZE = 50
@@ -47,7 +50,8 @@ def _reported_slots(task: Task) -> Iterator[list[dt.datetime]]:
     """Yield the task's reported slots, newest first, a page at a time."""
     before: Optional[dt.datetime] = None
     while True:
-        query = Result.select(Result.scheduled_for).where(Result.task == task)
+        query = Result.select(Result.scheduled_for).where(
+            (Result.task == task) & (Result.trigger == "scheduled"))
         if before is not None:
             query = query.where(Result.scheduled_for < before)
         page = [row.scheduled_for for row in
@@ -66,16 +70,18 @@ def latest_complete_execution(task: Task, now: dt.datetime, agent_timeout: float
     complete whatever was reported, so it reads a bounded number of slots.
     """
     online_since = now - dt.timedelta(seconds=agent_timeout)
-    online_agents = list(Agent
-                         .select(Agent.id, Agent.registered_at)
-                         .where(Agent.last_seen_at >= online_since)
-                         .order_by(Agent.id))
+    online_agents = [agent for agent in (Agent
+                                         .select(Agent.id, Agent.registered_at, Agent.labels)
+                                         .where(Agent.last_seen_at >= online_since)
+                                         .order_by(Agent.id))
+                     if targets(task, agent.id, agent_labels(agent))]
 
     for page in _reported_slots(task):
         results_by_slot: dict[dt.datetime, list[Result]] = {slot: [] for slot in page}
         for result in (Result
                        .select()
                        .where((Result.task == task)
+                              & (Result.trigger == "scheduled")
                               & (Result.scheduled_for >= page[-1])
                               & (Result.scheduled_for <= page[0]))
                        .order_by(Result.agent_id)):
@@ -92,3 +98,42 @@ def latest_complete_execution(task: Task, now: dt.datetime, agent_timeout: float
             if now >= execution_deadline(task, slot, report_grace):
                 return Execution(slot, results, expected, "deadline_passed")
     return None
+
+
+def run_time_limit(task: Task, slot: dt.datetime) -> dt.timedelta:
+    """Return how long a run of `slot` may last on an agent: its timeout, or by default
+    the time to the next slot, at most 1 hour (`agent.Runner.timeout_for`)."""
+    if task.timeout is not None:
+        return dt.timedelta(seconds=task.timeout)
+    aware_slot = slot.replace(tzinfo=UTC)
+    period = parse_frequency(task.frequency, task.timezone).next_after(aware_slot) - aware_slot
+    return min(period, dt.timedelta(hours=1))
+
+
+def not_reported_agents(task: Task, execution: Execution, now: dt.datetime, agent_timeout: float,
+                        report_grace: float) -> list[dict]:
+    """Return the targeted agents, registered by the execution's slot, that have not reported it.
+
+    Each has a `reason`: `offline` when the server has not heard from it within the agent
+    timeout; `running` when it is online and its run may still be going (the slot plus
+    the run's time limit plus the report grace has not passed); `no_report` when it is
+    online and that time has passed, so the run was lost, its report was dropped, or
+    the agent did not have the task at the slot.
+    """
+    reported = {result.agent_id for result in execution.results}
+    online_since = now - dt.timedelta(seconds=agent_timeout)
+    running_until = (execution.scheduled_for + run_time_limit(task, execution.scheduled_for)
+                     + dt.timedelta(seconds=report_grace))
+    missing = []
+    for agent in (Agent.select(Agent.id, Agent.registered_at, Agent.last_seen_at, Agent.labels)
+                  .where(Agent.registered_at <= execution.scheduled_for).order_by(Agent.id)):
+        if agent.id in reported or not targets(task, agent.id, agent_labels(agent)):
+            continue
+        if agent.last_seen_at < online_since:
+            reason = "offline"
+        elif now < running_until:
+            reason = "running"
+        else:
+            reason = "no_report"
+        missing.append({"agent_id": agent.id, "reason": reason})
+    return missing

@@ -43,11 +43,16 @@ class BaseModel(peewee.Model):
         database = database
 
 
-class Task(BaseModel):
-    """A periodic shell command that every agent runs.
+TASK_STATES = ("active", "paused", "deleted")
 
-    The options after `updated_at` are those of `agent.Task`, which documents them.
-    Times are in seconds, and a null `timeout` means the task's period, at most 1 hour.
+
+class Task(BaseModel):
+    """A periodic shell command that the agents it targets run.
+
+    The options from `timezone` to `environment` are those of `agent.Task`, which
+    documents them. Times are in seconds, and a null `timeout` means the task's period,
+    at most 1 hour. Only `active` tasks are in the agents' task lists. A `deleted` task
+    keeps its history until retention removes it, and then the task row goes too.
     """
 
     id = peewee.CharField(primary_key=True, max_length=36)
@@ -62,6 +67,12 @@ class Task(BaseModel):
     timeout = peewee.DoubleField(null=True)
     # A JSON object of variable names to values.
     environment = peewee.TextField(default="{}", constraints=sql_default("'{}'"))
+    state = peewee.CharField(max_length=16, default="active", constraints=sql_default("'active'"))
+    deleted_at = peewee.DateTimeField(null=True)
+    # Targeting, as JSON: a list of agent ids, or an object of labels that an agent must
+    # all carry. Both null means every agent.
+    target_agents = peewee.TextField(null=True)
+    target_labels = peewee.TextField(null=True)
 
 
 class Agent(BaseModel):
@@ -85,6 +96,11 @@ class Agent(BaseModel):
     enrolled_at = peewee.DateTimeField(null=True)
     # When the agent token stops being accepted; null means never.
     token_expires_at = peewee.DateTimeField(null=True)
+    # A JSON object of label names to values, as the agent sent them at its last heartbeat.
+    labels = peewee.TextField(default="{}", constraints=sql_default("'{}'"))
+    # Seconds the agent's clock was ahead of the server's at its last heartbeat that
+    # carried its clock (negative: behind); null before the first one.
+    clock_offset = peewee.DoubleField(null=True)
 
 
 class Result(BaseModel):
@@ -116,6 +132,10 @@ class Result(BaseModel):
     # are not UTF-8, or NUL, which PostgreSQL text cannot hold).
     stdout_raw = peewee.BlobField(null=True)
     stderr_raw = peewee.BlobField(null=True)
+    # "scheduled" for a slot of the frequency, "manual" for a run requested with
+    # POST /api/v1/tasks/{task_id}/run, whose `scheduled_for` is the request instant.
+    trigger = peewee.CharField(max_length=16, default="scheduled", constraints=sql_default("'scheduled'"))
+    manual_run = peewee.CharField(max_length=36, null=True)
 
     class Meta:
         indexes = (
@@ -124,7 +144,22 @@ class Result(BaseModel):
         )
 
 
-MODELS = (Task, Agent, Result)
+class ManualRun(BaseModel):
+    """A request to run a task once on its agents now, outside its schedule.
+
+    `requested_at` is never a slot of the task's frequency at request time, so the
+    reports of a manual run never collide with those of a slot.
+    """
+
+    id = peewee.CharField(primary_key=True, max_length=36)
+    task = peewee.ForeignKeyField(Task, backref="manual_runs", on_delete="CASCADE")
+    requested_at = peewee.DateTimeField(index=True)
+
+    class Meta:
+        indexes = ((("task", "requested_at"), True),)
+
+
+MODELS = (Task, Agent, Result, ManualRun)
 
 
 def sqlite_url(data_dir: str) -> str:

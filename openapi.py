@@ -17,13 +17,15 @@ from __future__ import annotations
 import copy
 from typing import Any, Iterable
 
-from agent import (ENVIRONMENT_NAME, MAX_CATCHUP_SECONDS, MAX_ENVIRONMENT_ENTRIES,
-                   MAX_ENVIRONMENT_VALUE_LENGTH, MAX_JITTER_SECONDS, MAX_TIMEOUT_SECONDS,
-                   OVERLAP_POLICIES)
+from agent import (ENVIRONMENT_NAME, LABEL_NAME, LABEL_VALUE, MAX_CATCHUP_SECONDS,
+                   MAX_ENVIRONMENT_ENTRIES, MAX_ENVIRONMENT_VALUE_LENGTH, MAX_JITTER_SECONDS,
+                   MAX_LABELS, MAX_TIMEOUT_SECONDS, OVERLAP_POLICIES)
 from jsonapi import (MAX_BODY_BYTES, MAX_BYTE_COUNT, MAX_COMMAND_LENGTH, MAX_FREQUENCY_LENGTH,
                      MAX_HOSTNAME_LENGTH, MAX_OUTPUT_LENGTH, MAX_PLATFORM_LENGTH, MAX_PUSH_URL_LENGTH,
                      MAX_REASON_LENGTH, MAX_TIMEZONE_LENGTH, MAX_VERSION_LENGTH, PUSH_URL_REGEX,
                      RESULT_STATUSES, WHITESPACE_CLASS)
+from pagination import MAX_CURSOR_LENGTH, MAX_LIMIT
+from targeting import MAX_TARGET_AGENTS
 
 OPENAPI_PATH = "/api/v1/openapi.json"
 
@@ -99,6 +101,9 @@ TOO_LARGE = error_response(f"The body is larger than {MAX_BODY_BYTES} bytes, rej
 UNSUPPORTED_TYPE = error_response("The body is not sent as `Content-Type: application/json`.")
 UNAVAILABLE = error_response("The database is unavailable; retry later.")
 TASK_NOT_FOUND = error_response("No task has this id, or the path matches no endpoint.")
+BAD_QUERY = error_response("A query parameter is invalid; `field` names it.")
+TASK_DELETED = error_response("The task was deleted (or, for a manual run, is paused); "
+                              "`field` is task_id.")
 
 TASK_ID_PARAMETER = {
     "name": "task_id", "in": "path", "required": True,
@@ -109,6 +114,22 @@ AGENT_ID_PARAMETER = {
     "name": "agent_id", "in": "path", "required": True,
     "description": "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
     "schema": {"type": "string", "pattern": AGENT_ID_REGEX},
+}
+
+RUN_ID_PARAMETER = {
+    "name": "run_id", "in": "path", "required": True,
+    "description": "the run's id, from the run history",
+    "schema": {"type": "integer", "minimum": 1, "maximum": 2 ** 63 - 1},
+}
+LIMIT_PARAMETER = {
+    "name": "limit", "in": "query", "required": False,
+    "description": "items per page (default 100)",
+    "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
+}
+CURSOR_PARAMETER = {
+    "name": "cursor", "in": "query", "required": False,
+    "description": "the `next_cursor` of the previous page, unchanged; leave it out for the first page",
+    "schema": {"type": "string", "maxLength": MAX_CURSOR_LENGTH},
 }
 
 # OpenAPI 3.1 allows role names in the requirement of a bearer scheme: "read" operations
@@ -145,7 +166,11 @@ def operation(operation_id: str, summary: str, security: list, responses: dict,
         described["parameters"] = list(parameters)
     if body_schema:
         described["requestBody"] = json_body(body_schema)
-    described["responses"] = dict(responses, **common_errors(security, bool(body_schema), bool(parameters)))
+    path_parameters = any(parameter["in"] == "path" for parameter in parameters)
+    common = common_errors(security, bool(body_schema), path_parameters)
+    if any(parameter["in"] == "query" for parameter in parameters) and "400" not in common:
+        common["400"] = BAD_QUERY
+    described["responses"] = dict(common, **responses)
     return described
 
 
@@ -185,6 +210,21 @@ TASK_OPTIONS = {
     "environment": nullable(ENVIRONMENT),
 }
 
+LABELS = {
+    "type": "object",
+    "maxProperties": MAX_LABELS,
+    "propertyNames": {"pattern": f"^{LABEL_NAME.pattern}$"},
+    "additionalProperties": {"type": "string", "pattern": f"^{LABEL_VALUE.pattern}$"},
+}
+TARGETS = {
+    "agents": nullable({"type": "array", "minItems": 1, "maxItems": MAX_TARGET_AGENTS,
+                        "items": {"type": "string", "pattern": AGENT_ID_REGEX},
+                        "description": "run only on these agent ids; not together with labels"}),
+    "labels": nullable(dict(LABELS, minProperties=1,
+                            description="run only on agents that carry all these labels; not "
+                                        "together with agents")),
+}
+
 TASK_FIELDS = {
     "task_id": {"type": "string", "format": "uuid"},
     "command": {"type": "string"},
@@ -216,6 +256,37 @@ OUTPUT_FIELDS = {
     "stderr_bytes": {"type": "integer", "minimum": 0},
 }
 
+TASK_VIEW_FIELDS = dict(
+    TASK_FIELDS,
+    state={"type": "string", "enum": ["active", "paused", "deleted"]},
+    agents={"type": ["array", "null"], "items": {"type": "string"}},
+    labels={"type": ["object", "null"], "additionalProperties": {"type": "string"}},
+    created_at={"type": "string"},
+    updated_at={"type": "string"},
+    deleted_at={"type": ["string", "null"]},
+)
+RUN_FIELDS = {
+    "run_id": {"type": "integer", "minimum": 1},
+    "agent_id": {"type": "string"},
+    "trigger": {"type": "string", "enum": ["scheduled", "manual"]},
+    "manual_run_id": {"type": "string"},
+    "scheduled_for": {"type": "string"},
+    "started_at": {"type": ["string", "null"]},
+    "finished_at": {"type": "string"},
+    "received_at": {"type": "string"},
+    "status": {"type": "string", "enum": list(RESULT_STATUSES)},
+    "exit_code": {"type": ["integer", "null"]},
+    "stdout_bytes": {"type": "integer", "minimum": 0},
+    "stderr_bytes": {"type": "integer", "minimum": 0},
+    "late": {"type": "boolean", "const": True},
+    "truncated": {"type": "boolean", "const": True},
+    "missed_slots": {"type": "integer", "minimum": 1},
+    "first_missed": {"type": ["string", "null"]},
+    "reason": {"type": "string"},
+}
+RUN_REQUIRED = ["run_id", "agent_id", "trigger", "scheduled_for", "started_at", "finished_at",
+                "received_at", "status", "exit_code", "stdout_bytes", "stderr_bytes"]
+
 SCHEMAS: dict[str, Any] = {
     "Error": closed_object({
         "error": {"type": "string", "description": "what is wrong, and how to fix it"},
@@ -229,18 +300,48 @@ SCHEMAS: dict[str, Any] = {
                       "pattern": TEXT_REGEX,
                       "description": "5-field cron expression, cron macro or interval; an invalid "
                                      "one is a 400 that says why"},
-    }, **TASK_OPTIONS), required=["command", "frequency"]),
-    "Task": closed_object(TASK_FIELDS, required=list(TASK_FIELDS)),
-    "CreatedTask": closed_object(dict(TASK_FIELDS, command_id={"type": "string", "format": "uuid"},
-                                      created_at={"type": "string"}),
-                                 required=[*TASK_FIELDS, "command_id", "created_at"]),
-    "TaskDetail": closed_object(dict(TASK_FIELDS, created_at={"type": "string"},
+    }, **TASK_OPTIONS, **TARGETS), required=["command", "frequency"]),
+    "UpdateTaskRequest": open_object(dict({
+        "command": {"type": "string", "minLength": 1, "maxLength": MAX_COMMAND_LENGTH,
+                    "pattern": TEXT_REGEX},
+        "frequency": {"type": "string", "minLength": 1, "maxLength": MAX_FREQUENCY_LENGTH,
+                      "pattern": TEXT_REGEX},
+    }, **TASK_OPTIONS, **TARGETS)),
+    "AgentTask": closed_object(dict(TASK_FIELDS, manual_runs={
+        "type": "array", "description": "manual runs this agent has yet to run once",
+        "items": closed_object({"run_id": {"type": "string", "format": "uuid"},
+                                "requested_at": {"type": "string"}},
+                               required=["run_id", "requested_at"])}),
+        required=list(TASK_FIELDS)),
+    "TaskView": closed_object(TASK_VIEW_FIELDS, required=list(TASK_VIEW_FIELDS)),
+    "CreatedTask": closed_object(dict(TASK_VIEW_FIELDS, command_id={"type": "string", "format": "uuid"}),
+                                 required=[*TASK_VIEW_FIELDS, "command_id"]),
+    "TaskDetail": closed_object(dict(TASK_VIEW_FIELDS,
+                                     matching_agents={"type": "array", "items": {"type": "string"}},
                                      next_fire_times={"type": "array", "items": {"type": "string"}},
                                      next_fire_times_local={"type": "array", "items": {"type": "string"}}),
-                                required=[*TASK_FIELDS, "created_at", "next_fire_times",
+                                required=[*TASK_VIEW_FIELDS, "matching_agents", "next_fire_times",
                                           "next_fire_times_local"]),
-    "TaskList": closed_object({"tasks": {"type": "array", "items": {"$ref": "#/components/schemas/Task"}}},
-                              required=["tasks"]),
+    "TaskList": closed_object({"tasks": {"type": "array", "items": {"$ref": "#/components/schemas/TaskView"}},
+                               "next_cursor": {"type": ["string", "null"]}},
+                              required=["tasks", "next_cursor"]),
+    "ManualRunAccepted": closed_object({
+        "task_id": {"type": "string", "format": "uuid"},
+        "run_id": {"type": "string", "format": "uuid"},
+        "requested_at": {"type": "string"},
+        "agents": {"type": "array", "items": {"type": "string"},
+                   "description": "the targeted agents that registered by the request"},
+    }, required=["task_id", "run_id", "requested_at", "agents"]),
+    "RunSummary": closed_object(RUN_FIELDS, required=RUN_REQUIRED),
+    "Run": closed_object(dict(RUN_FIELDS, task_id={"type": "string", "format": "uuid"},
+                              stdout={"type": "string"}, stderr={"type": "string"},
+                              stdout_base64={"type": "string"}, stderr_base64={"type": "string"}),
+                         required=[*RUN_REQUIRED, "task_id"]),
+    "RunList": closed_object({
+        "task_id": {"type": "string", "format": "uuid"},
+        "runs": {"type": "array", "items": {"$ref": "#/components/schemas/RunSummary"}},
+        "next_cursor": {"type": ["string", "null"]},
+    }, required=["task_id", "runs", "next_cursor"]),
     "Output": closed_object(OUTPUT_FIELDS, required=["agent_id", "exit_code", "status", "scheduled_for",
                                                      "started_at", "finished_at"]),
     "LatestOutput": closed_object({
@@ -249,7 +350,20 @@ SCHEMAS: dict[str, Any] = {
         "completion_time": {"type": ["string", "null"]},
         "complete_reason": {"type": "string", "enum": ["all_reported", "deadline_passed"]},
         "outputs": {"type": "array", "items": {"$ref": "#/components/schemas/Output"}},
-    }, required=["task_id", "completion_time", "outputs"]),
+        "not_reported": {"type": "array", "items": closed_object({
+            "agent_id": {"type": "string"},
+            "reason": {"type": "string", "enum": ["offline", "running", "no_report"]},
+        }, required=["agent_id", "reason"])},
+        "groups": {"type": "array", "items": closed_object({
+            "agent_ids": {"type": "array", "items": {"type": "string"}},
+            "count": {"type": "integer", "minimum": 1},
+            "stdout": {"type": "string"},
+            "stderr": {"type": "string"},
+            "stdout_base64": {"type": "string"},
+            "stderr_base64": {"type": "string"},
+            "exit_code": {"type": ["integer", "null"]},
+        }, required=["agent_ids", "count", "exit_code"])},
+    }, required=["task_id", "completion_time"]),
     "ReportRequest": open_object({
         "server_id": {"type": "string", "pattern": AGENT_ID_REGEX, "description": "the reporting agent's id"},
         "stdout": nullable({"type": "string", "maxLength": MAX_OUTPUT_LENGTH,
@@ -274,13 +388,18 @@ SCHEMAS: dict[str, Any] = {
                                    "maxLength": (MAX_OUTPUT_LENGTH + 2) // 3 * 4}),
         "stderr_base64": nullable({"type": "string", "pattern": BASE64_REGEX,
                                    "maxLength": (MAX_OUTPUT_LENGTH + 2) // 3 * 4}),
+        "trigger": nullable({"type": "string", "enum": ["scheduled", "manual"],
+                             "description": "manual for a run requested with POST .../run (default "
+                                            "scheduled); it then needs manual_run_id"}),
+        "manual_run_id": nullable({"type": "string", "description": "only with trigger manual"}),
     }, required=["server_id"]),
     "ReportAccepted": closed_object({
         "task_id": {"type": "string", "format": "uuid"},
         "agent_id": {"type": "string"},
         "scheduled_for": {"type": "string"},
+        "trigger": {"type": "string", "enum": ["scheduled", "manual"]},
         "duplicate": {"type": "boolean"},
-    }, required=["task_id", "agent_id", "scheduled_for", "duplicate"]),
+    }, required=["task_id", "agent_id", "scheduled_for", "trigger", "duplicate"]),
     "RegisterAgentRequest": open_object({
         "hostname": nullable({"type": "string", "maxLength": MAX_HOSTNAME_LENGTH, "pattern": NO_NUL_REGEX}),
         "platform": nullable({"type": "string", "maxLength": MAX_PLATFORM_LENGTH, "pattern": NO_NUL_REGEX}),
@@ -289,6 +408,10 @@ SCHEMAS: dict[str, Any] = {
                               "description": "where the server pushes new tasks; null for none"}),
         "outbox_depth": nullable({"type": "integer", "minimum": 0, "maximum": 2 ** 31 - 1}),
         "outbox_dropped": nullable({"type": "integer", "minimum": 0, "maximum": 2 ** 31 - 1}),
+        "labels": nullable(dict(LABELS, description="the agent's labels; left out or null keeps "
+                                                    "the stored ones")),
+        "clock": nullable(dict(TIMESTAMP, description="the agent's clock when it sent the request, "
+                                                      "for the clock offset")),
     }),
     "RegisteredAgent": closed_object({
         "agent_id": {"type": "string"},
@@ -296,7 +419,7 @@ SCHEMAS: dict[str, Any] = {
     }, required=["agent_id", "registered_at"]),
     "AgentTaskList": closed_object({
         "agent_id": {"type": "string"},
-        "tasks": {"type": "array", "items": {"$ref": "#/components/schemas/Task"}},
+        "tasks": {"type": "array", "items": {"$ref": "#/components/schemas/AgentTask"}},
     }, required=["agent_id", "tasks"]),
     "AgentList": closed_object({"agents": {"type": "array", "items": closed_object({
         "agent_id": {"type": "string"},
@@ -307,10 +430,15 @@ SCHEMAS: dict[str, Any] = {
         "registered_at": {"type": "string"},
         "last_seen_at": {"type": "string"},
         "state": {"type": "string", "enum": ["online", "offline"]},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "clock_offset": {"type": ["number", "null"],
+                         "description": "seconds the agent's clock was ahead of the server's at "
+                                        "its last heartbeat (negative: behind)"},
         "outbox_depth": {"type": "integer", "minimum": 0},
         "outbox_dropped": {"type": "integer", "minimum": 0},
     }, required=["agent_id", "hostname", "platform", "version", "push_url", "registered_at",
-                 "last_seen_at", "state", "outbox_depth", "outbox_dropped"])}}, required=["agents"]),
+                 "last_seen_at", "state", "labels", "clock_offset", "outbox_depth",
+                 "outbox_dropped"])}}, required=["agents"]),
     "RevokedToken": closed_object({
         "agent_id": {"type": "string", "pattern": AGENT_ID_REGEX},
         "revoked": {"const": True},
@@ -376,25 +504,88 @@ PATHS: dict[str, dict[str, dict]] = {
                               {"$ref": "#/components/schemas/CreatedTask"})},
         body_schema="CreateTaskRequest", tag="tasks")},
     "/api/v1/tasks": {"get": operation(
-        "listTasks", "List every task with its options.", OPERATOR_READ,
-        {"200": json_response("All tasks, oldest first.", {"$ref": "#/components/schemas/TaskList"})},
-        tag="tasks")},
-    "/api/v1/tasks/{task_id}": {"get": operation(
-        "showTask", "Return one task with its next five fire times in UTC and in its time zone.",
-        OPERATOR_READ,
-        {"200": json_response("The task.", {"$ref": "#/components/schemas/TaskDetail"})},
+        "listTasks", "List tasks with their options, oldest first, a page at a time.", OPERATOR_READ,
+        {"200": json_response("One page of tasks; `next_cursor` is null on the last page.",
+                              {"$ref": "#/components/schemas/TaskList"})},
+        parameters=(LIMIT_PARAMETER, CURSOR_PARAMETER, {
+            "name": "state", "in": "query", "required": False,
+            "description": "only tasks in this state (default: active and paused)",
+            "schema": {"type": "string", "enum": ["active", "paused", "deleted"]},
+        }), tag="tasks")},
+    "/api/v1/tasks/{task_id}": {
+        "get": operation(
+            "showTask", "Return one task with the agents it targets and its next five fire times "
+            "in UTC and in its time zone (none unless active).", OPERATOR_READ,
+            {"200": json_response("The task, also when deleted (`state: deleted`).",
+                                  {"$ref": "#/components/schemas/TaskDetail"})},
+            parameters=(TASK_ID_PARAMETER,), tag="tasks"),
+        "patch": operation(
+            "updateTask", "Change a task's command, frequency, options or targets; fields left "
+            "out keep their value, and null resets an option to its default.", OPERATOR_ADMIN,
+            {"200": json_response("The changed task.", {"$ref": "#/components/schemas/TaskView"}),
+             "409": TASK_DELETED},
+            body_schema="UpdateTaskRequest", parameters=(TASK_ID_PARAMETER,), tag="tasks"),
+        "delete": operation(
+            "deleteTask", "Delete a task: it leaves every agent's task list, and its history stays "
+            "readable until retention removes it. Deleting it again changes nothing.",
+            OPERATOR_ADMIN,
+            {"200": json_response("The task, with `state: deleted`.",
+                                  {"$ref": "#/components/schemas/TaskView"})},
+            parameters=(TASK_ID_PARAMETER,), tag="tasks"),
+    },
+    "/api/v1/tasks/{task_id}/pause": {"post": operation(
+        "pauseTask", "Pause a task: it leaves every agent's task list until resumed. The body, if "
+        "any, is ignored.", OPERATOR_ADMIN,
+        {"200": json_response("The task, with `state: paused`.", {"$ref": "#/components/schemas/TaskView"}),
+         "409": TASK_DELETED},
         parameters=(TASK_ID_PARAMETER,), tag="tasks")},
+    "/api/v1/tasks/{task_id}/resume": {"post": operation(
+        "resumeTask", "Resume a paused task from its next slot; slots of the pause do not run. "
+        "The body, if any, is ignored.", OPERATOR_ADMIN,
+        {"200": json_response("The task, with `state: active`.", {"$ref": "#/components/schemas/TaskView"}),
+         "409": TASK_DELETED},
+        parameters=(TASK_ID_PARAMETER,), tag="tasks")},
+    "/api/v1/tasks/{task_id}/run": {"post": operation(
+        "runTask", "Run an active task once now on every agent it targets, outside its schedule. "
+        "The body, if any, is ignored.", OPERATOR_ADMIN,
+        {"202": json_response("The manual run is recorded; agents start it at their next sync.",
+                              {"$ref": "#/components/schemas/ManualRunAccepted"}),
+         "409": TASK_DELETED},
+        parameters=(TASK_ID_PARAMETER,), tag="tasks")},
+    "/api/v1/tasks/{task_id}/runs": {"get": operation(
+        "listRuns", "List a task's runs, newest first, without their output.", OPERATOR_READ,
+        {"200": json_response("One page of runs; `next_cursor` is null on the last page.",
+                              {"$ref": "#/components/schemas/RunList"})},
+        parameters=(TASK_ID_PARAMETER, LIMIT_PARAMETER, CURSOR_PARAMETER, {
+            "name": "agent", "in": "query", "required": False, "description": "only this agent's runs",
+            "schema": {"type": "string", "pattern": AGENT_ID_REGEX},
+        }, {
+            "name": "status", "in": "query", "required": False, "description": "only runs with this status",
+            "schema": {"type": "string", "enum": list(RESULT_STATUSES)},
+        }), tag="tasks")},
+    "/api/v1/tasks/{task_id}/runs/{run_id}": {"get": operation(
+        "showRun", "Return one run of a task with its full output.", OPERATOR_READ,
+        {"200": json_response("The run.", {"$ref": "#/components/schemas/Run"}),
+         "404": error_response("No task has this id, or the task has no run with this id.")},
+        parameters=(TASK_ID_PARAMETER, RUN_ID_PARAMETER), tag="tasks")},
     "/api/v1/tasks/{task_id}/latest_output": {"get": operation(
-        "latestOutput", "Return the outputs of the task's newest complete execution.", OPERATOR_READ,
+        "latestOutput", "Return the outputs of the task's newest complete scheduled execution, "
+        "and the targeted agents that did not report it.", OPERATOR_READ,
         {"200": json_response("The newest complete execution, or `completion_time: null` and no "
-                              "outputs while none is complete.",
+                              "outputs while none is complete. With `group_by=output`, `groups` "
+                              "replaces `outputs`.",
                               {"$ref": "#/components/schemas/LatestOutput"})},
-        parameters=(TASK_ID_PARAMETER,), tag="tasks")},
+        parameters=(TASK_ID_PARAMETER, {
+            "name": "group_by", "in": "query", "required": False,
+            "description": "output: group agents whose stdout, stderr and exit code are equal",
+            "schema": {"type": "string", "enum": ["output"]},
+        }), tag="tasks")},
     "/api/v1/tasks/{task_id}/complete": {"post": operation(
         "completeTask", "Record one agent's report of one slot of the task.", AGENT_ONLY,
         {"201": json_response("The report was stored.", {"$ref": "#/components/schemas/ReportAccepted"}),
          "200": json_response("The same agent already reported this slot; nothing was stored.",
-                              {"$ref": "#/components/schemas/ReportAccepted"})},
+                              {"$ref": "#/components/schemas/ReportAccepted"}),
+         "409": error_response("The task was deleted before this slot.")},
         body_schema="ReportRequest", parameters=(TASK_ID_PARAMETER,), tag="agents")},
     "/api/v1/agents": {"get": operation(
         "listAgents", "List every agent, with its state online or offline.", OPERATOR_READ,
@@ -408,7 +599,8 @@ PATHS: dict[str, dict[str, dict]] = {
         body_schema="RegisterAgentRequest", parameters=(AGENT_ID_PARAMETER,), tag="agents")},
     "/api/v1/agents/{agent_id}/tasks": {"get": operation(
         "agentTasks", "Return the agent's full task list; also a heartbeat.", AGENT_ONLY,
-        {"200": json_response("Every task, oldest first.", {"$ref": "#/components/schemas/AgentTaskList"})},
+        {"200": json_response("The active tasks that target this agent, oldest first.",
+                              {"$ref": "#/components/schemas/AgentTaskList"})},
         parameters=(AGENT_ID_PARAMETER,), tag="agents")},
     "/api/v1/agents/{agent_id}/enroll": {"post": operation(
         "enrollAgent", "Exchange an enrollment token for the agent's own token and push secret. "
@@ -436,6 +628,12 @@ TASK_LINKS = {
     "showTask": {"operationId": "showTask", "parameters": {"task_id": "$response.body#/task_id"}},
     "latestOutput": {"operationId": "latestOutput", "parameters": {"task_id": "$response.body#/task_id"}},
     "completeTask": {"operationId": "completeTask", "parameters": {"task_id": "$response.body#/task_id"}},
+    "updateTask": {"operationId": "updateTask", "parameters": {"task_id": "$response.body#/task_id"}},
+    "pauseTask": {"operationId": "pauseTask", "parameters": {"task_id": "$response.body#/task_id"}},
+    "resumeTask": {"operationId": "resumeTask", "parameters": {"task_id": "$response.body#/task_id"}},
+    "runTask": {"operationId": "runTask", "parameters": {"task_id": "$response.body#/task_id"}},
+    "listRuns": {"operationId": "listRuns", "parameters": {"task_id": "$response.body#/task_id"}},
+    "deleteTask": {"operationId": "deleteTask", "parameters": {"task_id": "$response.body#/task_id"}},
 }
 AGENT_LINKS = {
     "agentTasks": {"operationId": "agentTasks", "parameters": {"agent_id": "$response.body#/agent_id"}},

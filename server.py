@@ -26,13 +26,14 @@ import bottle
 import peewee
 import waitress
 
-from agent import (AGENT_ID_PATTERN, UTC, FrequencyError, TaskError, check_jitter, configure_logging,
-                   format_time, parse_frequency, printable, validate_task_options, zone_for)
+from agent import (AGENT_ID_PATTERN, UTC, FrequencyError, TaskError, check_jitter, check_labels,
+                   configure_logging, format_time, parse_frequency, printable, validate_task_options,
+                   zone_for)
 from agent_states import AgentStateWatcher
 from auth import (TokenConfig, TokenFileError, add_enrollment_routes, authenticate, forbidden,
                   may_report, read_tokens, require_agent, require_operator, unauthorized)
 from dashboard import add_dashboard_routes, is_reader_token, presented_token
-from executions import latest_complete_execution
+from executions import latest_complete_execution, not_reported_agents
 from jsonapi import (MAX_BODY_BYTES, MAX_COMMAND_LENGTH, MAX_FREQUENCY_LENGTH, MAX_HOSTNAME_LENGTH,
                      MAX_OUTPUT_LENGTH, MAX_PLATFORM_LENGTH, MAX_PUSH_URL_LENGTH, MAX_REASON_LENGTH,
                      MAX_TIMEZONE_LENGTH, MAX_VERSION_LENGTH, PUSH_URL_REGEX, RESULT_STATUSES,
@@ -42,15 +43,22 @@ from jsonapi import (MAX_BODY_BYTES, MAX_COMMAND_LENGTH, MAX_FREQUENCY_LENGTH, M
                      render_http_error, required_string, seconds_json, time_text,
                      use_json_error_responses)
 from metrics import install_metrics
-from models import Agent, Result, Task, database, open_database, sqlite_url, utc_now
+from models import (TASK_STATES, Agent, ManualRun, Result, Task, database, open_database, sqlite_url,
+                    utc_now)
 from openapi import OPENAPI_PATH, build_spec
+from pagination import encode_cursor, read_cursor, read_limit
 from push import PushTarget, TaskPusher
+from retention import RetentionPolicy, RetentionThread
+from history import add_history_routes, output_fields
+from targeting import (agent_labels, matching_agents, read_targets, target_agents, target_labels,
+                       targets)
 
 __version__ = "0.1.0"
 
 log = logging.getLogger("taskscheduler.server")
 
 NOT_RUN_STATUSES = ("skipped", "missed")
+TRIGGERS = ("scheduled", "manual")
 TASK_ID_PATTERN = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 PUSH_URL_PATTERN = re.compile(PUSH_URL_REGEX)
 
@@ -67,6 +75,7 @@ class ServerConfig:
     tokens: TokenConfig = dataclasses.field(default_factory=TokenConfig)
     # How long an agent token stays valid after enrollment. None means it never expires.
     agent_token_lifetime: Optional[dt.timedelta] = None
+    retention: RetentionPolicy = dataclasses.field(default_factory=RetentionPolicy)
 
 
 # ---------------------------------------------------------------------------
@@ -93,24 +102,6 @@ def check_slot(frequency, scheduled_for: dt.datetime, now: dt.datetime) -> None:
                         "scheduled_for")
 
 
-def output_fields(name: str, text: str, raw: Optional[bytes], truncated: bool) -> dict[str, Any]:
-    """Return a stream's fields of an output: its text (left out when empty), and its
-    exact bytes as base64 when the text alone is lossy.
-
-    With the bytes at hand and no truncation, the text is decoded from them, so a NUL
-    shows as NUL (escaped by JSON) rather than as the U+FFFD stored in the text column.
-    A truncated text keeps its truncation marker, which the bytes lack.
-    """
-    fields: dict[str, Any] = {}
-    if raw is not None:
-        fields[f"{name}_base64"] = base64.b64encode(bytes(raw)).decode("ascii")
-        if not truncated:
-            text = bytes(raw).decode("utf-8", errors="replace")
-    if text:
-        fields[name] = text
-    return fields
-
-
 def task_json(task: Task) -> dict:
     """Return a task as the API and the agents read it (`agent.Task.from_json`)."""
     return {
@@ -126,6 +117,26 @@ def task_json(task: Task) -> dict:
     }
 
 
+def task_view(task: Task) -> dict:
+    """Return a task as operators read it: the agents' view plus its state and targets."""
+    return dict(task_json(task), state=task.state, agents=target_agents(task),
+                labels=target_labels(task), created_at=time_text(task.created_at),
+                updated_at=time_text(task.updated_at), deleted_at=time_text(task.deleted_at))
+
+
+# How long after its request an agent still starts a manual run. An agent that does not
+# sync within this time never runs it.
+MANUAL_RUN_WINDOW = dt.timedelta(hours=1)
+# The fields a create or PATCH request may set; others are ignored.
+DEFINITION_FIELDS = ("command", "frequency", "timezone", "catchup", "overlap", "jitter", "timeout",
+                     "environment", "agents", "labels")
+
+
+def definition_of(task: Task) -> dict:
+    """Return a stored task's fields in the form of a create request."""
+    return dict(task_json(task), agents=target_agents(task), labels=target_labels(task))
+
+
 def next_fire_times(task: Task, now: dt.datetime, count: int = 5) -> dict[str, list[str]]:
     """Return the task's next `count` slots after the aware `now`, in UTC and in the task's zone."""
     slots = parse_frequency(task.frequency, task.timezone).next_slots(now, count)
@@ -134,6 +145,61 @@ def next_fire_times(task: Task, now: dt.datetime, count: int = 5) -> dict[str, l
         "next_fire_times": [format_time(slot) for slot in slots],
         "next_fire_times_local": [local_time_text(slot, zone) for slot in slots],
     }
+
+
+def group_outputs(outputs: list[dict]) -> list[dict]:
+    """Group outputs whose stdout, stderr (text and bytes) and exit code are equal.
+
+    Returns the groups largest first, then by their first agent id; each lists its agents.
+    """
+    stream_fields = ("stdout", "stderr", "stdout_base64", "stderr_base64", "exit_code")
+    groups: dict[tuple, dict] = {}
+    for output in outputs:
+        key = tuple(output.get(field) for field in stream_fields)
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = {field: output[field] for field in stream_fields if field in output}
+            group["agent_ids"] = []
+        group["agent_ids"].append(output["agent_id"])
+    for group in groups.values():
+        group["count"] = len(group["agent_ids"])
+    return sorted(groups.values(), key=lambda group: (-group["count"], group["agent_ids"][0]))
+
+
+def read_task_definition(data: dict) -> dict:
+    """Return the Task columns of a create request, or raise a 400 error response.
+
+    PATCH validates the stored task merged with its changes through this same function.
+    """
+    command = required_string(data, "command", MAX_COMMAND_LENGTH)
+    frequency = required_string(data, "frequency", MAX_FREQUENCY_LENGTH)
+    # The options are read first, because parse_frequency reports a bad time zone as a
+    # bad frequency.
+    options = read_task_options(data)
+    try:
+        parsed_frequency = parse_frequency(frequency, options["timezone"])
+    except FrequencyError as error:
+        raise api_error(400, f"frequency is invalid: {error}", "frequency") from None
+    try:
+        check_jitter(parsed_frequency, options["jitter"])
+        target_agents_column, target_labels_column = read_targets(data)
+    except TaskError as error:
+        raise api_error(400, str(error), error.field) from None
+    options["environment"] = json.dumps(dict(options["environment"]), sort_keys=True)
+    return dict(options, command=command, frequency=frequency, target_agents=target_agents_column,
+                target_labels=target_labels_column)
+
+
+def manual_run_instant(task: Task, now: dt.datetime) -> dt.datetime:
+    """Return the instant to record a manual run at: `now`, moved on by microseconds until
+    it is neither a slot of the task's frequency nor another manual run's instant."""
+    frequency = parse_frequency(task.frequency, task.timezone)
+    instant = now
+    while (frequency.latest_at_or_before(instant.replace(tzinfo=UTC)) == instant.replace(tzinfo=UTC)
+           or ManualRun.select().where((ManualRun.task == task.id)
+                                       & (ManualRun.requested_at == instant)).exists()):
+        instant += dt.timedelta(microseconds=1)
+    return instant
 
 
 def read_task_options(data: dict) -> dict:
@@ -194,6 +260,35 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
     def online_since() -> dt.datetime:
         return utc_now() - dt.timedelta(seconds=config.agent_timeout)
 
+    def find_live_task(task_id: str) -> Task:
+        """Return a task that is not deleted, or raise a 404 or 409 error response."""
+        task = find_task(task_id)
+        if task.state == "deleted":
+            raise api_error(409, f"task {task.id} was deleted at {time_text(task.deleted_at)}; "
+                                 "create a new task instead", "task_id")
+        return task
+
+    def wake_agents(task: Task, also_targeted_before: Optional[Task] = None) -> None:
+        """Send a wake-up to the online agents with a push URL that `task` targets.
+
+        With `also_targeted_before`, the task as it was before a change, the agents it
+        targeted then are woken too, so that they drop it at once.
+        """
+        if not config.push:
+            return
+        pushed = Agent.push_url.is_null(False) & (Agent.last_seen_at >= online_since())
+        if tokens.enabled:
+            # An agent without a push secret has no valid token either, and would reject
+            # an unsigned wake-up.
+            pushed &= Agent.push_secret.is_null(False)
+        woken = []
+        for agent in Agent.select().where(pushed).order_by(Agent.id):
+            labels = agent_labels(agent)
+            if targets(task, agent.id, labels) or (
+                    also_targeted_before is not None and targets(also_targeted_before, agent.id, labels)):
+                woken.append(PushTarget(agent.id, agent.push_url, agent.push_secret))
+        pusher.push(task.id, woken)
+
     # The process is alive even while its database is down, so this route opens no connection.
     @app.get("/healthz", skip=[database_plugin])
     def healthz():
@@ -219,42 +314,21 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
     @app.post("/api/v1/tasks/create")
     def create_task():
         require_operator(tokens, admin=True)
-        data = read_json_object()
-        command = required_string(data, "command", MAX_COMMAND_LENGTH)
-        frequency = required_string(data, "frequency", MAX_FREQUENCY_LENGTH)
-        # The options are read first, because parse_frequency reports a bad time zone as a
-        # bad frequency.
-        options = read_task_options(data)
-        try:
-            parsed_frequency = parse_frequency(frequency, options["timezone"])
-        except FrequencyError as error:
-            raise api_error(400, f"frequency is invalid: {error}", "frequency") from None
-        try:
-            check_jitter(parsed_frequency, options["jitter"])
-        except TaskError as error:
-            raise api_error(400, str(error), error.field) from None
-
-        options["environment"] = json.dumps(dict(options["environment"]), sort_keys=True)
-        task = Task.create(id=str(uuid.uuid4()), command=command, frequency=frequency, **options)
+        definition = read_task_definition(read_json_object())
+        now = utc_now()
+        task = Task.create(id=str(uuid.uuid4()), created_at=now, updated_at=now, **definition)
         log.info("task %s created: frequency %r, time zone %s, catchup %g s, overlap %s, "
-                 "jitter %g s, timeout %s", task.id, frequency, task.timezone, task.catchup,
-                 task.overlap, task.jitter,
-                 "none (the period, at most 1 h)" if task.timeout is None else f"{task.timeout:g} s")
-        pushed = Agent.push_url.is_null(False) & (Agent.last_seen_at >= online_since())
-        if tokens.enabled:
-            # An agent without a push secret has no valid token either, and would reject
-            # an unsigned wake-up.
-            pushed &= Agent.push_secret.is_null(False)
-        if config.push:
-            targets = [PushTarget(agent.id, agent.push_url, agent.push_secret)
-                       for agent in Agent.select().where(pushed).order_by(Agent.id)]
-            pusher.push(task.id, targets)
-        body = dict(task_json(task), command_id=task.id, created_at=time_text(task.created_at))
-        return json_response(body, 201)
+                 "jitter %g s, timeout %s, agents %s, labels %s", task.id, task.frequency,
+                 task.timezone, task.catchup, task.overlap, task.jitter,
+                 "none (the period, at most 1 h)" if task.timeout is None else f"{task.timeout:g} s",
+                 task.target_agents or "all", task.target_labels or "any")
+        wake_agents(task)
+        return json_response(dict(task_view(task), command_id=task.id), 201)
 
-    @app.route("/api/v1/tasks/create", method=["GET", "ANY"])
+    @app.route("/api/v1/tasks/create", method=["GET", "PATCH", "DELETE", "ANY"])
     def create_task_wrong_method():
-        # Without the GET route, GET would match /api/v1/tasks/<task_id> and return 404.
+        # Without the GET, PATCH and DELETE routes, those methods would match
+        # /api/v1/tasks/<task_id> and return 404.
         # The ANY route takes every other method, so bottle's own 405 never lists GET
         # in its Allow header for this path.
         response = api_error(405, f"method {bottle.request.method} is not allowed on "
@@ -265,25 +339,124 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
     @app.get("/api/v1/tasks")
     def list_tasks():
         require_operator(tokens, admin=False)
-        # NOTE: not paginated; fine for hundreds of tasks.
-        tasks = Task.select().order_by(Task.created_at, Task.id)
-        return json_response({"tasks": [task_json(task) for task in tasks]})
+        limit = read_limit()
+        after = read_cursor(str)
+        state = bottle.request.query.get("state")
+        query = Task.select()
+        if state is None:
+            query = query.where(Task.state != "deleted")
+        elif state in TASK_STATES:
+            query = query.where(Task.state == state)
+        else:
+            raise api_error(400, f"state must be one of {', '.join(TASK_STATES)}", "state")
+        if after is not None:
+            created_at, last_id = after
+            query = query.where((Task.created_at > created_at)
+                                | ((Task.created_at == created_at) & (Task.id > last_id)))
+        tasks = list(query.order_by(Task.created_at, Task.id).limit(limit + 1))
+        next_cursor = None
+        if len(tasks) > limit:
+            tasks = tasks[:limit]
+            next_cursor = encode_cursor(tasks[-1].created_at, tasks[-1].id)
+        return json_response({"tasks": [task_view(task) for task in tasks], "next_cursor": next_cursor})
 
     @app.get("/api/v1/tasks/<task_id>")
     def show_task(task_id):
         require_operator(tokens, admin=False)
         task = find_task(task_id)
+        fire_times = next_fire_times(task, dt.datetime.now(UTC))
+        if task.state != "active":
+            fire_times = {name: [] for name in fire_times}
         return json_response(dict(
-            task_json(task),
-            created_at=time_text(task.created_at),
-            **next_fire_times(task, dt.datetime.now(UTC)),
+            task_view(task),
+            matching_agents=[agent.id for agent in matching_agents(task)],
+            **fire_times,
         ))
+
+    @app.patch("/api/v1/tasks/<task_id>")
+    def update_task(task_id):
+        require_operator(tokens, admin=True)
+        task = find_live_task(task_id)
+        data = read_json_object()
+        changes = {field: data[field] for field in DEFINITION_FIELDS if field in data}
+        # Targeting is one choice: setting agents clears labels and the other way round.
+        if changes.get("agents") is not None:
+            changes.setdefault("labels", None)
+        if changes.get("labels") is not None:
+            changes.setdefault("agents", None)
+        definition = read_task_definition(dict(definition_of(task), **changes))
+        before = Task(**task.__data__)
+        updated = (Task.update(updated_at=utc_now(), **definition)
+                   .where((Task.id == task.id) & (Task.state != "deleted"))
+                   .execute())
+        if not updated:
+            raise api_error(409, f"task {task.id} was deleted meanwhile", "task_id")
+        task = Task.get_by_id(task.id)
+        log.info("task %s updated: %s", task.id, ", ".join(sorted(changes)) or "no fields")
+        wake_agents(task, also_targeted_before=before)
+        return json_response(task_view(task))
+
+    @app.delete("/api/v1/tasks/<task_id>")
+    def delete_task(task_id):
+        require_operator(tokens, admin=True)
+        task = find_task(task_id)
+        now = utc_now()
+        deleted = (Task.update(state="deleted", deleted_at=now, updated_at=now)
+                   .where((Task.id == task.id) & (Task.state != "deleted"))
+                   .execute())
+        if deleted:
+            log.info("task %s deleted; its history stays until retention removes it", task.id)
+            wake_agents(task)
+        return json_response(task_view(Task.get_by_id(task.id)))
+
+    def change_state(task_id: str, old: str, new: str, wake: bool):
+        require_operator(tokens, admin=True)
+        task = find_live_task(task_id)
+        changed = (Task.update(state=new, updated_at=utc_now())
+                   .where((Task.id == task.id) & (Task.state == old))
+                   .execute())
+        task = Task.get_by_id(task.id)
+        if task.state == "deleted":
+            raise api_error(409, f"task {task.id} was deleted meanwhile", "task_id")
+        if changed:
+            log.info("task %s %s", task.id, "resumed" if new == "active" else "paused")
+            if wake:
+                wake_agents(task)
+        return json_response(task_view(task))
+
+    @app.post("/api/v1/tasks/<task_id>/pause")
+    def pause_task(task_id):
+        return change_state(task_id, "active", "paused", wake=True)
+
+    @app.post("/api/v1/tasks/<task_id>/resume")
+    def resume_task(task_id):
+        return change_state(task_id, "paused", "active", wake=True)
+
+    @app.post("/api/v1/tasks/<task_id>/run")
+    def run_task_now(task_id):
+        require_operator(tokens, admin=True)
+        task = find_live_task(task_id)
+        if task.state != "active":
+            raise api_error(409, f"task {task.id} is {task.state}; resume it first, because a "
+                                 "paused task is in no agent's task list", "task_id")
+        with database.atomic():
+            requested_at = manual_run_instant(task, utc_now())
+            manual = ManualRun.create(id=str(uuid.uuid4()), task=task.id, requested_at=requested_at)
+        agents = [agent.id for agent in matching_agents(task) if agent.registered_at <= requested_at]
+        log.info("task %s manual run %s requested for %d agents", task.id, manual.id, len(agents))
+        wake_agents(task)
+        return json_response({"task_id": task.id, "run_id": manual.id,
+                              "requested_at": time_text(requested_at), "agents": agents}, 202)
 
     @app.get("/api/v1/tasks/<task_id>/latest_output")
     def latest_output(task_id):
         require_operator(tokens, admin=False)
         task = find_task(task_id)
-        execution = latest_complete_execution(task, utc_now(), config.agent_timeout, config.report_grace)
+        group_by = bottle.request.query.get("group_by")
+        if group_by not in (None, "output"):
+            raise api_error(400, "group_by must be output, or left out", "group_by")
+        now = utc_now()
+        execution = latest_complete_execution(task, now, config.agent_timeout, config.report_grace)
         if execution is None:
             return json_response({"task_id": task.id, "completion_time": None, "outputs": []})
         outputs = []
@@ -309,13 +482,31 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
                 output.update(truncated=True, stdout_bytes=result.stdout_bytes,
                               stderr_bytes=result.stderr_bytes)
             outputs.append(output)
-        return json_response({
+        body = {
             "task_id": task.id,
             "scheduled_for": time_text(execution.scheduled_for),
             "completion_time": time_text(max(result.finished_at for result in execution.results)),
             "complete_reason": execution.complete_reason,
-            "outputs": outputs,
-        })
+            "not_reported": not_reported_agents(task, execution, now, config.agent_timeout,
+                                                config.report_grace),
+        }
+        if group_by == "output":
+            body["groups"] = group_outputs(outputs)
+        else:
+            body["outputs"] = outputs
+        return json_response(body)
+
+    def find_manual_run(task: Task, run_id: object) -> ManualRun:
+        if run_id is None:
+            raise api_error(400, "manual_run_id is missing; a report with trigger manual names "
+                                 "the run_id of its manual run", "manual_run_id")
+        manual = None
+        if isinstance(run_id, str) and TASK_ID_PATTERN.fullmatch(run_id.lower()):
+            manual = ManualRun.get_or_none((ManualRun.id == run_id.lower()) & (ManualRun.task == task.id))
+        if manual is None:
+            raise api_error(400, f"manual_run_id {str(run_id)[:64]!r} is not a manual run of task "
+                                 f"{task.id}", "manual_run_id")
+        return manual
 
     @app.post("/api/v1/tasks/<task_id>/complete")
     def complete_task(task_id):
@@ -336,17 +527,36 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
         finished_at = optional_time(data, "finished_at") or now
         started_at = optional_time(data, "started_at")
         scheduled_for = optional_time(data, "scheduled_for")
-        frequency = parse_frequency(task.frequency, task.timezone)
-        if scheduled_for is None:
-            # A plain REST report belongs to the execution that is due now.
-            scheduled_for = frequency.latest_at_or_before(now.replace(tzinfo=UTC)).replace(tzinfo=None)
+        trigger = data.get("trigger")
+        if trigger is None:
+            trigger = "scheduled"
+        elif trigger not in TRIGGERS:
+            raise api_error(400, f"trigger must be one of {', '.join(TRIGGERS)}", "trigger")
+        manual_run_id = None
+        if trigger == "manual":
+            # A manual run belongs to the instant it was requested at, which is no slot.
+            manual = find_manual_run(task, data.get("manual_run_id"))
+            manual_run_id = manual.id
+            scheduled_for = manual.requested_at
+        elif data.get("manual_run_id") is not None:
+            raise api_error(400, "manual_run_id is only allowed with trigger manual", "manual_run_id")
         else:
-            check_slot(frequency, scheduled_for, now)
+            frequency = parse_frequency(task.frequency, task.timezone)
+            if scheduled_for is None:
+                # A plain REST report belongs to the execution that is due now.
+                scheduled_for = frequency.latest_at_or_before(now.replace(tzinfo=UTC)).replace(tzinfo=None)
+            else:
+                check_slot(frequency, scheduled_for, now)
+        if task.state == "deleted" and scheduled_for > task.deleted_at:
+            raise api_error(409, f"task {task.id} was deleted at {time_text(task.deleted_at)}, "
+                                 f"before {time_text(scheduled_for)}", "task_id")
         status = data.get("status")
         if status is None:
             status = "succeeded" if exit_code in (None, 0) else "failed"
         elif status not in RESULT_STATUSES:
             raise api_error(400, f"status must be one of {', '.join(RESULT_STATUSES)}", "status")
+        if trigger == "manual" and status == "missed":
+            raise api_error(400, "status missed is only allowed for scheduled slots", "status")
         missed_slots, first_missed = read_missed_range(data, status, scheduled_for)
         late = optional_boolean(data, "late")
         if late and status in NOT_RUN_STATUSES:
@@ -364,6 +574,7 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
             missed_slots=missed_slots, first_missed=first_missed, late=late, reason=reason,
             stdout_raw=optional_base64(data, "stdout_base64", MAX_OUTPUT_LENGTH),
             stderr_raw=optional_base64(data, "stderr_base64", MAX_OUTPUT_LENGTH),
+            trigger=trigger, manual_run=manual_run_id,
         )
         with database.atomic():
             inserted = (Result.insert(**fields)
@@ -371,8 +582,8 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
                         .as_rowcount()
                         .execute())
             Agent.update(last_seen_at=now).where(Agent.id == agent_id).execute()
-        body = {"task_id": task.id, "agent_id": agent_id,
-                "scheduled_for": time_text(scheduled_for), "duplicate": inserted == 0}
+        body = {"task_id": task.id, "agent_id": agent_id, "scheduled_for": time_text(scheduled_for),
+                "trigger": trigger, "duplicate": inserted == 0}
         if inserted:
             metrics.record_report(status, scheduled_for, finished_at, missed_slots)
         if inserted == 0:
@@ -402,7 +613,15 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
             "outbox_depth": optional_count(data, "outbox_depth"),
             "outbox_dropped": optional_count(data, "outbox_dropped"),
         }
+        if data.get("labels") is not None:
+            try:
+                details["labels"] = json.dumps(check_labels(data["labels"]), sort_keys=True)
+            except TaskError as error:
+                raise api_error(400, str(error), error.field) from None
+        agent_clock = optional_time(data, "clock")
         now = utc_now()
+        if agent_clock is not None:
+            details["clock_offset"] = (agent_clock - now).total_seconds()
         with database.atomic():
             # Insert-or-ignore, so two first registrations at once cannot both insert.
             inserted = (Agent.insert(id=agent_id, push_url=push_url, registered_at=now,
@@ -432,8 +651,39 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
         if not updated:
             raise api_error(404, f"agent {agent_id} is not registered; register with "
                                  f"PUT /api/v1/agents/{agent_id} first", "agent_id")
-        tasks = Task.select().order_by(Task.created_at, Task.id)
-        return json_response({"agent_id": agent_id, "tasks": [task_json(task) for task in tasks]})
+        agent = Agent.get(Agent.id == agent_id)
+        labels = agent_labels(agent)
+        tasks = [task for task in Task.select().where(Task.state == "active").order_by(Task.created_at, Task.id)
+                 if targets(task, agent_id, labels)]
+        pending = pending_manual_runs(agent, tasks)
+        items = []
+        for task in tasks:
+            item = task_json(task)
+            if task.id in pending:
+                item["manual_runs"] = pending[task.id]
+            items.append(item)
+        return json_response({"agent_id": agent_id, "tasks": items})
+
+    def pending_manual_runs(agent: Agent, tasks: list[Task]) -> dict[str, list[dict]]:
+        """Return the manual runs that `agent` has yet to run, by task id.
+
+        A manual run is for the agents registered by its request, for `MANUAL_RUN_WINDOW`,
+        until the agent reports it.
+        """
+        since = max(utc_now() - MANUAL_RUN_WINDOW, agent.registered_at)
+        task_ids = {task.id for task in tasks}
+        recent = [manual for manual in ManualRun.select().where(ManualRun.requested_at >= since)
+                  .order_by(ManualRun.requested_at) if manual.task_id in task_ids]
+        if not recent:
+            return {}
+        reported = {row.manual_run for row in Result.select(Result.manual_run).where(
+            (Result.agent_id == agent.id) & Result.manual_run.in_([manual.id for manual in recent]))}
+        pending: dict[str, list[dict]] = {}
+        for manual in recent:
+            if manual.id not in reported:
+                pending.setdefault(manual.task_id, []).append(
+                    {"run_id": manual.id, "requested_at": time_text(manual.requested_at)})
+        return pending
 
     @app.get("/api/v1/agents")
     def list_agents():
@@ -447,10 +697,12 @@ def create_app(config: Optional[ServerConfig] = None, pusher: Optional[TaskPushe
                 "registered_at": time_text(agent.registered_at),
                 "last_seen_at": time_text(agent.last_seen_at),
                 "state": "online" if agent.last_seen_at >= threshold else "offline",
+                "labels": agent_labels(agent), "clock_offset": agent.clock_offset,
                 "outbox_depth": agent.outbox_depth, "outbox_dropped": agent.outbox_dropped,
             })
         return json_response({"agents": agents})
 
+    add_history_routes(app, tokens, find_task)
     return app
 
 
@@ -479,6 +731,12 @@ def connection_count(value: str) -> int:
     if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= 1_000_000:
         raise argparse.ArgumentTypeError(f"invalid connection limit {value!r}: expected a number "
                                          "from 1 to 1000000")
+    return int(value)
+
+
+def run_count(value: str) -> int:
+    if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"invalid run count {value!r}: expected a number from 1 to 1000000")
     return int(value)
 
 
@@ -531,6 +789,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report-grace", type=positive_float, default=30.0, metavar="SECONDS",
                         help="an execution is complete at most this long after its period ends, "
                              "even if an expected agent has not reported (default: 30)")
+    parser.add_argument("--keep-runs", type=run_count, default=100, metavar="N",
+                        help="executions kept per task, newest first; older reports are pruned "
+                             "(default: 100)")
+    parser.add_argument("--keep-days", type=positive_float, default=30.0, metavar="DAYS",
+                        help="reports older than this many days are pruned, and deleted tasks go "
+                             "once none of their reports is left (default: 30)")
+    parser.add_argument("--prune-interval", type=positive_float, default=300.0, metavar="SECONDS",
+                        help="seconds between two prunings of old history (default: 300)")
     parser.add_argument("--admin-token-file", metavar="PATH",
                         help="file of admin tokens, one per line; they may call every operator "
                              "endpoint (env TASKSCHEDULER_ADMIN_TOKENS: comma-separated tokens)")
@@ -637,8 +903,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
 
     lifetime = dt.timedelta(days=args.agent_token_lifetime) if args.agent_token_lifetime else None
+    retention = RetentionPolicy(keep_runs=args.keep_runs, keep_days=args.keep_days,
+                                interval=args.prune_interval)
     config = ServerConfig(agent_timeout=args.agent_timeout, report_grace=args.report_grace,
-                          push=args.push, tokens=tokens, agent_token_lifetime=lifetime)
+                          push=args.push, tokens=tokens, agent_token_lifetime=lifetime,
+                          retention=retention)
     app = create_app(config)
     try:
         # Every agent keeps a connection open between syncs, and waitress closes idle ones
@@ -671,6 +940,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                     "host's loopback address; %s", args.host, server.effective_port, TOKEN_HELP)
     watcher = AgentStateWatcher(args.agent_timeout)
     watcher.start()
+    log.info("history: the newest %d executions per task, at most %g days, pruned every %g s",
+             retention.keep_runs, retention.keep_days, retention.interval)
+    pruner = RetentionThread(retention)
+    pruner.start()
     try:
         server.run()
     except KeyboardInterrupt:
@@ -678,6 +951,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     finally:
         log.info("stopping")
         watcher.stop()
+        pruner.stop()
         server.close()
         app.config["taskscheduler.pusher"].shutdown()
         db.close()

@@ -112,7 +112,9 @@ def test_create_stores_task(app):
     assert task_detail["frequency"] == "every 5 minutes"
     assert task_detail["created_at"] == created["created_at"]
     assert listed == [{"task_id": created["task_id"], "command": "df -h", "frequency": "every 5 minutes",
-                       **DEFAULT_OPTIONS}]
+                       **DEFAULT_OPTIONS, "state": "active", "agents": None, "labels": None,
+                       "created_at": created["created_at"], "updated_at": created["created_at"],
+                       "deleted_at": None}]
 
 
 def test_show_task_lists_next_fire_times(app):

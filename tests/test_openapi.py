@@ -24,7 +24,8 @@ BODY_OPERATIONS = [
     ("PUT", "/api/v1/agents/{agent_id}"),
 ]
 # Routes that exist only to return 405 for a path that another route would shadow.
-WRONG_METHOD_ROUTES = {("GET", "/api/v1/tasks/create"), ("ANY", "/api/v1/tasks/create")}
+WRONG_METHOD_ROUTES = {("GET", "/api/v1/tasks/create"), ("PATCH", "/api/v1/tasks/create"),
+                       ("DELETE", "/api/v1/tasks/create"), ("ANY", "/api/v1/tasks/create")}
 
 
 @pytest.fixture
@@ -173,7 +174,8 @@ def test_body_endpoint_rejects_broken_json(app, task_id, method, path, raw, frag
     ("PROPFIND", "/api/v1/tasks/create", "POST"),
     ("GET", "/api/v1/tasks/create", "POST"),
     ("PUT", "/api/v1/tasks", "GET"),
-    ("DELETE", "/api/v1/tasks/{task_id}", "GET"),
+    ("PUT", "/api/v1/tasks/{task_id}", "DELETE,GET,PATCH"),
+    ("GET", "/api/v1/tasks/{task_id}/run", "POST"),
     ("GET", "/api/v1/tasks/{task_id}/complete", "POST"),
     ("POST", "/api/v1/agents/{agent_id}", "PUT"),
     ("POST", "/healthz", "GET"),
