@@ -805,7 +805,9 @@ class StateStore:
     )
 
     def __init__(self, state_dir: str, outbox_size: int = 10000):
-        os.makedirs(state_dir, exist_ok=True)
+        # Only the agent's user may enter a new state directory: it keeps outputs, the
+        # outbox and the push secret.
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
         self.path = os.path.join(state_dir, "agent.db")
         self.outbox_size = outbox_size
         self._drop_logged_at = -math.inf
@@ -2124,11 +2126,14 @@ class ServerClient:
             if used is not None:
                 log.warning("the server rejected the stored token of agent %s (%s); enrolling again "
                             "with the enrollment token", self.agent_id, rejection)
-            self.credentials = self._enroll(path)
+            self.credentials = self._enroll(path, previous=used)
 
-    def _enroll(self, path: str) -> Credentials:
+    def _enroll(self, path: str, previous: Optional[Credentials] = None) -> Credentials:
+        # The server lets an id whose token expired enroll again only with that token, so
+        # that nobody else who has the enrollment token can take the id over.
+        request = {"previous_token": previous.agent_token} if previous is not None else None
         try:
-            body = self._request_any("POST", f"/api/v1/agents/{self.agent_id}/enroll", None,
+            body = self._request_any("POST", f"/api/v1/agents/{self.agent_id}/enroll", request,
                                      self.enrollment_token)
         except ServerError as error:
             message = f"enrollment of agent {self.agent_id} failed: {error}"
@@ -2947,7 +2952,7 @@ def lock_state_dir(state_dir: str):
     Two agents on one state directory would each take the other's running slots for
     lost runs. The lock is released when the returned file is closed or the process ends.
     """
-    os.makedirs(state_dir, exist_ok=True)
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
     path = os.path.join(state_dir, "agent.lock")
     lock_file = open(path, "a+")
     try:
@@ -3001,7 +3006,7 @@ def positive_int(value: str) -> int:
 def is_loopback_host(host: str) -> bool:
     """Return whether `host` (a name or an address, IPv6 in brackets or not) is this host's loopback."""
     host = host.strip("[]").lower()
-    if host == "localhost" or host.endswith(".localhost"):
+    if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -3013,7 +3018,17 @@ def check_server_url(url: str, insecure: bool) -> Optional[str]:
     """Return why the agent must not use `url`, or None when it may."""
     if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
         return f"invalid --server URL {url!r}: use http://HOST:PORT or https://HOST"
+    if "\\" in url:
+        return f"invalid --server URL {redact_url(url)}: it must not contain a backslash"
     parsed = urllib.parse.urlsplit(url)
+    # requests connects to the host that urllib3 parses. Where the two parsers disagree,
+    # the URL is rejected, so that the loopback check below sees the host that is used.
+    try:
+        connected_host = urllib3.util.parse_url(url).host
+    except urllib3.exceptions.LocationParseError:
+        connected_host = None
+    if connected_host is None or connected_host.strip("[]").lower() != (parsed.hostname or "").lower():
+        return f"invalid --server URL {redact_url(url)}: its host is ambiguous; use http://HOST:PORT or https://HOST"
     if parsed.scheme == "http" and not insecure and not is_loopback_host(parsed.hostname or ""):
         return (f"--server {redact_url(url)} uses plain HTTP to another host, which would send the "
                 "agent's token and receive its commands unencrypted; use https://, or pass "

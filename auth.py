@@ -26,7 +26,7 @@ from typing import Iterable, Optional
 import bottle
 
 from agent import UTC, format_time, parse_time
-from jsonapi import api_error, json_response, time_text
+from jsonapi import api_error, json_response, read_json_object, time_text
 from models import Agent, Task, database, utc_now
 from targeting import targets_agent_id
 
@@ -355,9 +355,12 @@ def add_enrollment_routes(app: bottle.Bottle, tokens: TokenConfig, agent_id_patt
         if not tokens.enabled:
             raise api_error(404, "this server runs without tokens, so agents need no enrollment")
         identity = authenticate(tokens)
-        if identity.kind not in ("enrollment", "admin"):
+        # Not an admin token either: with it, an operator could revoke an agent, enroll its id
+        # again and then report as that agent.
+        if identity.kind != "enrollment":
             raise forbidden(f"enrollment needs the enrollment token; this is {describe(identity)}")
         check_agent_id(agent_id)
+        previous_token = read_previous_token()
 
         agent_token = secrets.token_urlsafe(32)
         push_secret = secrets.token_urlsafe(32)
@@ -372,17 +375,32 @@ def add_enrollment_routes(app: bottle.Bottle, tokens: TokenConfig, agent_id_patt
                 log.info("agent %s enrolled from %s, token expires %s", agent_id,
                          bottle.request.remote_addr, time_text(expires_at) or "never")
             else:
-                replace_credentials(agent_id, credentials, now)
+                replace_credentials(agent_id, credentials, now, previous_token)
         return json_response({"agent_id": agent_id, "agent_token": agent_token,
                               "push_secret": push_secret, "expires_at": time_text(expires_at)}, 201)
 
-    def replace_credentials(agent_id: str, credentials: dict, now: dt.datetime) -> None:
+    def read_previous_token() -> Optional[str]:
+        """Return the body's `previous_token`, or None when the request has no JSON body."""
+        if not bottle.request.content_length:
+            return None
+        data = read_json_object()
+        token = data.get("previous_token")
+        if token is None:
+            return None
+        if not isinstance(token, str) or not TOKEN_PATTERN.fullmatch(token):
+            raise api_error(400, "previous_token must be the agent's earlier token, as a string",
+                            "previous_token")
+        return token
+
+    def replace_credentials(agent_id: str, credentials: dict, now: dt.datetime,
+                            previous_token: Optional[str]) -> None:
         """Give the known agent `agent_id` new credentials if it may enroll again, else raise a 409.
 
         An agent registered before tokens were turned on, or one whose token an admin
-        revoked, has no token hash and may enroll, and so may one whose token expired.
-        The filters make each update a compare-and-swap, so of two enrollments at once
-        only one changes the row.
+        revoked, has no token hash and may enroll. One whose token expired may enroll
+        with that expired token as `previous_token`, so that others who have the
+        enrollment token cannot take its id when its token expires. The filters make each
+        update a compare-and-swap, so of two enrollments at once only one changes the row.
         """
         previous = Agent.get(Agent.id == agent_id)
         if Agent.update(**credentials).where(
@@ -390,16 +408,17 @@ def add_enrollment_routes(app: bottle.Bottle, tokens: TokenConfig, agent_id_patt
             log.warning("agent %s enrolled again from %s, replacing its revoked or missing token",
                         agent_id, bottle.request.remote_addr)
             return
-        if Agent.update(**credentials).where(
-                (Agent.id == agent_id) & Agent.token_hash.is_null(False)
+        if previous_token is not None and Agent.update(**credentials).where(
+                (Agent.id == agent_id) & (Agent.token_hash == token_digest(previous_token).hex())
                 & (Agent.token_expires_at <= now)).execute():
             log.warning("agent %s enrolled again from %s, replacing its token that expired at %s",
                         agent_id, bottle.request.remote_addr, time_text(previous.token_expires_at))
             return
         log.warning("enrollment of agent %s from %s rejected: the id is already enrolled",
                     agent_id, bottle.request.remote_addr)
-        raise api_error(409, f"agent {agent_id} is already enrolled; if this host is "
-                             f"{agent_id} and lost its credentials, an admin must revoke "
+        raise api_error(409, f"agent {agent_id} is already enrolled; an id whose token expired "
+                             "enrolls again only with that token as previous_token. If this "
+                             f"host is {agent_id} and lost its credentials, an admin must revoke "
                              f"them first with DELETE /api/v1/agents/{agent_id}/token, "
                              "otherwise choose another agent id", "agent_id")
 

@@ -175,7 +175,9 @@ def open_database(url: str) -> peewee.Database:
     if url.startswith("sqlite:///"):
         path = url[len("sqlite:///"):]
         if path and path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            # Only the server's user may enter a new data directory: the database keeps
+            # outputs and the agents' push secrets.
+            os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
         db = connect(
             url,
             pragmas={

@@ -439,6 +439,10 @@ SCHEMAS: dict[str, Any] = {
     }, required=["agent_id", "hostname", "platform", "version", "push_url", "registered_at",
                  "last_seen_at", "state", "labels", "clock_offset", "outbox_depth",
                  "outbox_dropped"])}}, required=["agents"]),
+    "EnrollRequest": open_object({
+        "previous_token": {"type": "string", "pattern": "^[A-Za-z0-9._~+/-]+=*$",
+                           "description": "the agent's expired token, to enroll its id again"},
+    }),
     "RevokedToken": closed_object({
         "agent_id": {"type": "string", "pattern": AGENT_ID_REGEX},
         "revoked": {"const": True},
@@ -604,14 +608,16 @@ PATHS: dict[str, dict[str, dict]] = {
         parameters=(AGENT_ID_PARAMETER,), tag="agents")},
     "/api/v1/agents/{agent_id}/enroll": {"post": operation(
         "enrollAgent", "Exchange an enrollment token for the agent's own token and push secret. "
-        "The body, if any, is ignored.",
-        ENROLLMENT + OPERATOR_ADMIN,
+        "The body is optional. An id whose token expired enrolls again only with that token "
+        "as `previous_token`.",
+        ENROLLMENT,
         {"201": json_response("The agent is enrolled. The token and secret are shown only here.",
                               {"$ref": "#/components/schemas/Enrollment"}),
          "404": error_response("The server runs without tokens, so agents need no enrollment."),
-         "409": error_response("The agent id is enrolled and its token has not expired; an admin "
-                               "must revoke its token first with DELETE "
-                               "/api/v1/agents/{agent_id}/token.")},
+         "409": error_response("The agent id is enrolled, and its token has not expired or "
+                               "`previous_token` is not that token; an admin must revoke its "
+                               "token first with DELETE /api/v1/agents/{agent_id}/token."),
+         "400": BAD_REQUEST, "413": TOO_LARGE, "415": UNSUPPORTED_TYPE},
         parameters=(AGENT_ID_PARAMETER,), tag="agents")},
     "/api/v1/agents/{agent_id}/token": {"delete": operation(
         "revokeAgentToken", "Revoke an agent's token and push secret, so that it may enroll again.",
@@ -621,6 +627,11 @@ PATHS: dict[str, dict[str, dict]] = {
         parameters=(AGENT_ID_PARAMETER,), tag="agents")},
 }
 
+
+PATHS["/api/v1/agents/{agent_id}/enroll"]["post"]["requestBody"] = {
+    "required": False,
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/EnrollRequest"}}},
+}
 
 # OpenAPI links: which later operations take an id from a response. They document the
 # API's flow, and schemathesis follows them to test operations on ids that exist.

@@ -122,6 +122,14 @@ def test_replace_tasks_reports_change(store):
     assert store.tasks() == []
 
 
+def test_new_state_dir_is_private(tmp_path):
+    state_dir = tmp_path / "new" / "state"
+
+    StateStore(str(state_dir)).close()
+
+    assert state_dir.stat().st_mode & 0o777 == 0o700
+
+
 def test_record_start_rejects_started_slot(state_dir):
     slot = utc(2026, 1, 1, 12, 5)
     first = StateStore(state_dir)

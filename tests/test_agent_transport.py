@@ -28,8 +28,16 @@ import server
     ("http://10.0.0.5:8080", False, False),
     ("http://127.0.0.1.example.net:8080", False, False),
     ("http://scheduler.example.net:8080", True, True),
+    # urllib.parse reads 127.0.0.1 as the host of these, and urllib3 (which requests
+    # connects with) reads 10.0.0.5.
+    ("http://10.0.0.5\\@127.0.0.1:1", False, False),
+    ("https://10.0.0.5\\@127.0.0.1:1", True, False),
+    ("http://user@127.0.0.1:8080", False, True),
+    # Only the name localhost itself counts: other names under .localhost go to a resolver.
+    ("http://scheduler.localhost:8080", False, False),
 ], ids=["loopback-ip", "localhost", "ipv6-loopback", "https", "http-remote-name", "http-remote-ip",
-        "lookalike-name", "http-remote-insecure"])
+        "lookalike-name", "http-remote-insecure", "backslash-userinfo", "backslash-insecure",
+        "userinfo-loopback", "localhost-subdomain"])
 def test_server_url_check(url, insecure, accepted):
     assert (agent.check_server_url(url, insecure) is None) == accepted
 

@@ -35,8 +35,11 @@ def bearer(token):
     return {"Authorization": f"Bearer {token}"}
 
 
-def enroll(app, agent_id, token=ENROLL, status=201):
-    return app.post(f"/api/v1/agents/{agent_id}/enroll", headers=bearer(token), status=status)
+def enroll(app, agent_id, token=ENROLL, status=201, previous_token=None):
+    if previous_token is None:
+        return app.post(f"/api/v1/agents/{agent_id}/enroll", headers=bearer(token), status=status)
+    return app.post_json(f"/api/v1/agents/{agent_id}/enroll", {"previous_token": previous_token},
+                         headers=bearer(token), status=status)
 
 
 def enrolled_agent(app, agent_id):
@@ -179,7 +182,8 @@ def test_enroll_stores_only_token_hash(app):
     assert not any(agent_token in value for value in stored)
 
 
-@pytest.mark.parametrize("token, status", [(READ, 403), ("agent", 403)], ids=["read", "agent"])
+@pytest.mark.parametrize("token, status", [(READ, 403), (ADMIN, 403), ("agent", 403)],
+                         ids=["read", "admin", "agent"])
 def test_enroll_needs_enrollment_token(app, token, status):
     if token == "agent":
         token = enrolled_agent(app, "web-0")
@@ -617,7 +621,7 @@ def test_expired_agent_enrolls_again(app, caplog):
     expire_agent_token("web-1")
     caplog.set_level(logging.INFO, logger="taskscheduler.server")
 
-    response = enroll(app, "web-1")
+    response = enroll(app, "web-1", previous_token=old_token)
     old_refused = app.get("/api/v1/agents/web-1/tasks", headers=bearer(old_token), expect_errors=True)
     new_token = response.json["agent_token"]
 
@@ -628,6 +632,22 @@ def test_expired_agent_enrolls_again(app, caplog):
     assert "not valid" in old_refused.json["error"]
     warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
     assert any("replacing its token that expired at" in record.getMessage() for record in warnings)
+
+
+@pytest.mark.parametrize("config", [expiring_config(None, dt.timedelta(days=2))], ids=["2-days"])
+def test_expired_id_needs_previous_token(app):
+    old_token = enrolled_agent(app, "web-1")
+    expire_agent_token("web-1")
+
+    # Someone else with the enrollment token cannot take the id when its token expires.
+    enroll(app, "web-1", status=409)
+    enroll(app, "web-1", previous_token="not-the-token-of-web-1-0123456789", status=409)
+    bad = enroll(app, "web-1", previous_token=["list"], status=400)
+    response = enroll(app, "web-1", previous_token=old_token)
+
+    assert bad.json["field"] == "previous_token"
+    assert app.get("/api/v1/agents/web-1/tasks",
+                   headers=bearer(response.json["agent_token"])).status_int == 200
 
 
 @pytest.mark.parametrize("config", [expiring_config(None, dt.timedelta(days=2))], ids=["2-days"])

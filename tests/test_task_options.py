@@ -622,6 +622,14 @@ def upgraded_app(old_database_url, config, pusher):
     database.close()
 
 
+def test_new_data_dir_is_private(tmp_path):
+    data_dir = tmp_path / "new" / "data"
+
+    models.open_database(f"sqlite:///{data_dir}/taskscheduler.db").close()
+
+    assert data_dir.stat().st_mode & 0o777 == 0o700
+
+
 def test_upgrade_adds_columns(old_database_url):
     database = models.open_database(old_database_url)
     try:
