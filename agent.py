@@ -2712,7 +2712,17 @@ class Agent:
                 killed = kill_orphaned_run(process_group, task_id, slot)
             log.warning("task %s slot %s was still running when the agent last stopped: reported "
                         "as lost, %d leftover processes killed", task_id, format_time(slot), killed)
-        self.scheduler.request_reconcile(stored)
+        # The server's task list comes first, so that a task deleted or paused while the
+        # agent was stopped does not run again. The stored list is the fallback for a
+        # server that cannot be reached.
+        try:
+            synced = self.sync_once()
+        except Exception:
+            log.exception("first sync failed inside the agent")
+            synced = False
+        if not synced:
+            log.info("running the %d stored tasks until the server can be reached", len(stored))
+            self.scheduler.request_reconcile(stored)
         threads = self.start_background_threads()
         self.scheduler.run_forever(self.stop_event)
         log.info("agent %s stopping; waiting for running commands", self.agent_id)

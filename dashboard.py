@@ -144,6 +144,8 @@ def task_view(task: Task, now: dt.datetime, config: Any, fire_times: int = 1) ->
     try:
         words = describe_frequency(task.frequency, task.timezone)
         slots = parse_frequency(task.frequency, task.timezone).next_slots(now.replace(tzinfo=UTC), fire_times)
+        if task.state != "active":
+            slots = []  # a paused or deleted task has no next run
         zone = zone_for(task.timezone)
     except FrequencyError as error:
         # A task stored by a newer server version may use a form this one cannot read.
@@ -231,7 +233,9 @@ def add_dashboard_routes(app: bottle.Bottle, config: Any) -> None:
     def overview():
         require_reader(config.tokens)
         now = utc_now()
-        tasks = [task_view(task, now, config) for task in Task.select().order_by(Task.created_at, Task.id)]
+        # Deleted tasks leave the overview, as they leave the task list of the API.
+        tasks = [task_view(task, now, config) for task in
+                 Task.select().where(Task.state != "deleted").order_by(Task.created_at, Task.id)]
         return html_page("overview.tpl", title="Overview", tasks=tasks,
                          agents=agent_views(now, config.agent_timeout))
 

@@ -52,6 +52,26 @@ def test_overview_lists_task_schedule(app):
     assert "no complete run yet" in page.text
 
 
+def test_overview_marks_paused_hides_deleted(app):
+    paused_id = create_task(app, command="echo paused-task", frequency="every 5 minutes")
+    deleted_id = create_task(app, command="echo deleted-task", frequency="every 5 minutes")
+    app.post(f"/api/v1/tasks/{paused_id}/pause")
+    app.delete(f"/api/v1/tasks/{deleted_id}")
+
+    page = app.get("/").text
+    paused_card = page[page.index(f'id="task-{paused_id}"'):]
+    paused_card = paused_card[:paused_card.index("</section>")]
+    paused_page = app.get(f"/tasks/{paused_id}").text
+    deleted_page = app.get(f"/tasks/{deleted_id}").text
+
+    assert "deleted-task" not in page
+    assert "paused: no runs until it is resumed" in paused_card
+    assert "next run" not in paused_card
+    assert 'class="state-paused">paused<' in paused_page
+    assert 'class="state-deleted">deleted<' in deleted_page
+    assert re.search(r"next runs</dt>\s*<dd>\s*none", deleted_page)
+
+
 def register_long_ago(app, agent_ids):
     """Register agents as if they had registered in 2019, so every later slot expects them."""
     for agent_id in agent_ids:

@@ -130,6 +130,34 @@ def test_agent_follows_lifecycle(cluster):
     assert [run for run in runs if (parse_time(run["scheduled_for"]) - deleted_at).total_seconds() > 2] == []
 
 
+def test_restarted_agent_skips_removed_tasks(cluster):
+    server = cluster.server()
+    agent = cluster.agent(server, "web-1")
+    operator = Operator(server.url)
+    paused_id = operator.create("echo paused >> ran.log", EVERY_SECOND)
+    deleted_id = operator.create("echo deleted >> ran.log", EVERY_SECOND)
+    for task_id in (paused_id, deleted_id):
+        wait_for_runs(operator, cluster, task_id, lambda runs: len(runs) >= 1, "ran once")
+
+    assert agent.stop() == 0, agent.log_tail()
+    operator.call("POST", f"/api/v1/tasks/{paused_id}/pause", 200)
+    operator.call("DELETE", f"/api/v1/tasks/{deleted_id}", 200)
+    ran_log = agent.work_dir / "ran.log"
+    lines_before = len(ran_log.read_text().splitlines())
+    # Slots pass while the agent is down. Within 5 s of its slot, a stored task would run
+    # its newest missed slot at once on the restart, before the first sync.
+    time.sleep(2.5)
+    agent.restart()
+    wait_until(lambda: agent.log_text().count("registered with") == 2, 10.0,
+               lambda: f"the agent did not sync after its restart\n{agent.log_tail()}")
+    time.sleep(3)
+
+    # The agent fetched the server's list before it planned its stored one, so neither task
+    # ran again and no slot of theirs was reported after the restart.
+    assert ran_log.read_text().splitlines()[lines_before:] == [], agent.log_tail()
+    assert "running the 2 stored tasks" not in agent.log_text(), agent.log_tail()
+
+
 def test_labels_select_agents(cluster):
     server = cluster.server()
     cluster.agent(server, "web-1", extra_arguments=("--labels", "role=web,region=eu"))

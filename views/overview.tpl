@@ -8,6 +8,9 @@
 <section class="card task" id="task-{{view.task.id}}">
   <h3><a href="{{root}}tasks/{{view.task.id}}"><code class="command">{{view.task.command}}</code></a></h3>
   <p class="schedule">{{view.words}}</p>
+  % if view.task.state != "active":
+  <p class="meta state-{{view.task.state}}">paused: no runs until it is resumed</p>
+  % end
   % if view.next_fire_times:
   <p class="meta">next run {{view.next_fire_times[0][1]}}, in {{view.next_in}}</p>
   % end

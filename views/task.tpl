@@ -5,6 +5,7 @@
 <section class="card">
 <dl>
   <dt>command</dt><dd><pre class="command">{{task.command}}</pre></dd>
+  <dt>state</dt><dd class="state-{{task.state}}">{{task.state}}</dd>
   <dt>schedule</dt><dd class="schedule">{{view.words}}</dd>
   <dt>frequency</dt><dd><code>{{task.frequency}}</code> in {{task.timezone}}</dd>
   <dt>options</dt><dd>catch-up {{"%g s" % task.catchup}}, overlap {{task.overlap}}, jitter {{"%g s" % task.jitter}}, timeout {{"%g s" % task.timeout if task.timeout is not None else "until the next slot, at most 1 h"}}</dd>
@@ -12,6 +13,9 @@
   <dd>
   % for utc_text, local_text in view.next_fire_times:
   {{local_text}} ({{utc_text}})<br>
+  % end
+  % if not view.next_fire_times:
+  none
   % end
   </dd>
 </dl>
