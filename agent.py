@@ -834,7 +834,7 @@ class StateStore:
         self._fast.execute("PRAGMA busy_timeout=5000")
         # The newest handled slot and the known_since of each task, read on every firing.
         # They have a lock of their own, so the loop thread reads them without waiting for
-        # a worker's fsync. A thread that holds both takes `_lock` first.
+        # a worker's fsync. A thread that needs both takes `_lock` first.
         self._cache_lock = threading.Lock()
         # Writes waiting for the next group commit on `_fast` (see `_write_fast`).
         self._pending_lock = threading.Lock()
@@ -3032,7 +3032,7 @@ def check_server_url(url: str, insecure: bool) -> Optional[str]:
         return f"invalid --server URL {redact_url(url)}: it must not contain a backslash"
     parsed = urllib.parse.urlsplit(url)
     # requests connects to the host that urllib3 parses. Where the two parsers disagree,
-    # the URL is rejected, so that the loopback check below sees the host that is used.
+    # the URL is rejected, so that the loopback check below tests the host that is used.
     try:
         connected_host = urllib3.util.parse_url(url).host
     except urllib3.exceptions.LocationParseError:

@@ -2,7 +2,7 @@
 
 An agent goes offline by falling silent, which no request shows, so a background thread
 of the server compares the agents' states every few seconds. Each server process logs
-the transitions it sees, so two servers on one database both log them.
+the transitions it detects, so two servers on one database both log them.
 """
 
 from __future__ import annotations

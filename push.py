@@ -1,10 +1,10 @@
-"""Waking agents up to sync when a task is created.
+"""Waking agents up to sync when a task is created or changed.
 
 A push carries no task. It makes the agent fetch its task list now, with the agent's own
 token, as at every sync. So commands reach an agent only in the
 server's responses. Each wake-up is signed with HMAC-SHA256 under the agent's push
-secret (see `agent.push_signature`); agents of a server without tokens have no secret,
-and their wake-ups go unsigned.
+secret (see `agent.push_signature`). Agents of a server without tokens have no secret,
+so their wake-ups go unsigned.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ import peewee
 import waitress
 
 from agent import (AGENT_ID_PATTERN, UTC, FrequencyError, TaskError, check_jitter, check_labels,
+                   is_loopback_host,
                    configure_logging, format_time, parse_frequency, printable, validate_task_options,
                    zone_for)
 from agent_states import AgentStateWatcher
@@ -836,17 +837,6 @@ def load_token_config(args: argparse.Namespace) -> TokenConfig:
         enrollment=read_tokens(args.enrollment_token_file, "TASKSCHEDULER_ENROLLMENT_TOKEN",
                                os.environ.get("TASKSCHEDULER_ENROLLMENT_TOKEN")),
     )
-
-
-def is_loopback_host(host: str) -> bool:
-    """Return whether `host` is a loopback address or the name localhost."""
-    host = host.strip("[]").lower()
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def binding_problem(host: str, tokens: TokenConfig) -> Optional[str]:

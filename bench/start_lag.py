@@ -78,7 +78,7 @@ SERIAL_SPAWN_COUNT = 200
 SERIAL_SPAWN_REPEATS = 3
 IDLE_TASKS = 1000
 # Scenarios with at most this many tasks due at once also measure the floor of starting
-# that many commands at one instant; the burst has its serial spawn time instead.
+# that many commands at one instant. The burst has its serial spawn time instead.
 GROUP_FLOOR_MAX_SIZE = 50
 IDLE_SECONDS = 30.0
 QUICK_IDLE_SECONDS = 10.0

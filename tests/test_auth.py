@@ -550,7 +550,8 @@ def test_start_warns_of_expired_tokens(caplog):
 
     assert "1 admin, 1 read and 0 enrollment tokens have already expired" in caplog.text
     assert "every token has expired" not in caplog.text
-    assert ADMIN not in caplog.text and READ not in caplog.text
+    assert ADMIN not in caplog.text
+    assert READ not in caplog.text
 
 
 def test_start_warns_when_every_token_expired(caplog):

@@ -2,8 +2,9 @@
 
 These start the server with token files and variables, let a real agent enroll, run a
 task, get a signed wake-up and report, and then check the files and logs they leave.
-The server's refusal to listen publicly without tokens and the agent's refusal of plain
-HTTP to another host run as real processes too; neither binds nor connects anywhere.
+The server's check against listening publicly without tokens, and the agent's check
+against plain HTTP to another host, run as real processes too. Neither binds nor connects
+anywhere.
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ def test_revoked_agent_logs_fix_then_enrolls_again(cluster, tmp_path):
     wait_until(lambda: agent.log_text().count("enrolled with") == 2, 15.0, cluster.log_tails)
 
     assert response.status_code == 200, response.text
-    assert "delete" in agent.log_text() and "agent-credentials.json" in agent.log_text()
+    assert "delete" in agent.log_text()
+    assert "agent-credentials.json" in agent.log_text()
     assert credentials_of(agent)["agent_token"] != first_token
 
 
