@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import base64
 import codecs
+import contextlib
 import dataclasses
 import datetime as dt
 import functools
@@ -1025,6 +1026,30 @@ class StateStore:
         )
         return inserted == 1
 
+    def record_starts(self, runs: list[tuple[str, dt.datetime]]) -> list[bool]:
+        """Record the start of several (task id, slot) runs in one transaction without an fsync.
+
+        Returns, for each run, False if its slot was already recorded.
+        """
+        inserted = []
+        with self._lock:
+            self._fast.execute("BEGIN")
+            try:
+                for task_id, slot in runs:
+                    rowcount = self._fast.execute(
+                        "INSERT OR IGNORE INTO runs (task_id, scheduled_for, status) VALUES (?, ?, 'running')",
+                        (task_id, _slot_key(slot)),
+                    ).rowcount
+                    inserted.append(rowcount == 1)
+            except sqlite3.Error:
+                self._fast.execute("ROLLBACK")
+                raise
+            self._fast.execute("COMMIT")
+            for (task_id, slot), fresh in zip(runs, inserted):
+                if fresh:
+                    self._note_slot_locked(task_id, slot)
+        return inserted
+
     def record_outcome(self, result: RunResult) -> bool:
         """Record a slot that did not run (skipped or missed); return False if already handled."""
         with self._lock:
@@ -1095,11 +1120,21 @@ class StateStore:
         return {"outbox_depth": depth, "outbox_dropped": dropped}
 
     def record_process_group(self, task_id: str, slot: dt.datetime, process_group: int) -> None:
-        # Without an fsync, like the start record it completes.
-        self._write_fast(
-            "UPDATE runs SET process_group = ? WHERE task_id = ? AND scheduled_for = ?",
-            (process_group, task_id, _slot_key(slot)),
-        )
+        self.record_process_groups([ProcessGroup(task_id, slot, process_group)])
+
+    def record_process_groups(self, groups: list["ProcessGroup"]) -> None:
+        """Store the process group of started runs, in one transaction without an fsync."""
+        rows = [(group.process_group, group.task_id, _slot_key(group.slot)) for group in groups]
+        with self._lock:
+            self._fast.execute("BEGIN")
+            try:
+                self._fast.executemany(
+                    "UPDATE runs SET process_group = ? WHERE task_id = ? AND scheduled_for = ?", rows
+                )
+            except sqlite3.Error:
+                self._fast.execute("ROLLBACK")
+                raise
+            self._fast.execute("COMMIT")
 
     def mark_lost_runs(self, now: dt.datetime) -> list[tuple[str, dt.datetime, Optional[int]]]:
         """Mark runs still 'running' from an earlier agent process as lost.
@@ -1155,6 +1190,15 @@ class StateStore:
                 " WHERE rank <= ?)",
                 (keep_per_task,),
             )
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessGroup:
+    """The process group of a started run, which a restarted agent kills if it is left over."""
+
+    task_id: str
+    slot: dt.datetime
+    process_group: int
 
 
 @dataclasses.dataclass
@@ -1274,8 +1318,13 @@ class TaskScheduler:
 
     def __init__(self, store: StateStore, fire: Callable[[Task, dt.datetime, bool], None],
                  missed: Optional[Callable[[Task, dt.datetime, dt.datetime, int], None]] = None,
-                 clock: Optional[Clock] = None, max_sleep: float = 60.0, agent_id: str = ""):
+                 clock: Optional[Clock] = None, max_sleep: float = 60.0, agent_id: str = "",
+                 batch: Optional[Callable[[], contextlib.AbstractContextManager]] = None,
+                 gate: Optional["StartGate"] = None):
         self.store = store
+        self._gate = gate
+        # Wraps each loop turn's firings, so their starts can be handled together.
+        self._batch = batch or contextlib.nullcontext
         self.clock = clock or Clock()
         self.max_sleep = max_sleep
         self.agent_id = agent_id
@@ -1465,11 +1514,15 @@ class TaskScheduler:
                 latest = self._requests.get_nowait()
             except queue.Empty:
                 break
-        if latest is not None:
-            self.reconcile(latest)
-        self._scheduler.run_pending()
+        with self._batch():
+            if latest is not None:
+                self.reconcile(latest)
+            self._scheduler.run_pending()
         self._plan_fired()
-        return self._scheduler.idle_seconds
+        idle = self._scheduler.idle_seconds
+        if self._gate is not None:
+            self._gate.expect(math.inf if idle is None else time.monotonic() + idle)
+        return idle
 
     def run_forever(self, stop: threading.Event) -> None:
         """Run the loop until `stop` is set, sleeping until the next due job."""
@@ -1778,12 +1831,79 @@ class Runner:
         )
 
 
+class StartGate:
+    """Counts the runs handed to the workers whose command has not started yet.
+
+    Writes that can wait (results and process groups), and the reports they lead to,
+    wait until no run is starting and none started in the last `QUIET_SECONDS`. So
+    they do not hold the store's write lock, with its fsync, while the runs of a slot
+    record their starts, nor take the CPU while the new commands load.
+    """
+
+    QUIET_SECONDS = 0.05
+    # Background work that would begin this close before the next planned start waits
+    # until that start is over.
+    SLOT_MARGIN_SECONDS = 0.1
+
+    def __init__(self):
+        self._starting = 0
+        self._left_at = -math.inf
+        # When the loop next fires, in time.monotonic() seconds; set by `expect`.
+        self._next_start = math.inf
+        self._changed = threading.Condition()
+
+    def expect(self, next_start: float) -> None:
+        """Note when the loop fires next, in time.monotonic() seconds (inf: nothing planned)."""
+        with self._changed:
+            self._next_start = next_start
+            self._changed.notify_all()
+
+    @property
+    def starting(self) -> int:
+        with self._changed:
+            return self._starting
+
+    def enter(self) -> None:
+        with self._changed:
+            self._starting += 1
+
+    def leave(self) -> None:
+        with self._changed:
+            self._starting -= 1
+            self._left_at = time.monotonic()
+            if self._starting == 0:
+                self._changed.notify_all()
+
+    def wait_until_idle(self, timeout: float) -> bool:
+        """Wait until the gate is quiet or `timeout` seconds have passed; return True if it is."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                now = time.monotonic()
+                if self._starting > 0:
+                    wait = deadline - now
+                elif now < self._left_at + self.QUIET_SECONDS:
+                    wait = self._left_at + self.QUIET_SECONDS - now
+                elif self._next_start - self.SLOT_MARGIN_SECONDS <= now:
+                    # A start is near, or due and not fired yet: `expect` ends this wait.
+                    wait = max(self._next_start - now, 0.0) + self.QUIET_SECONDS
+                else:
+                    return True
+                if now >= deadline:
+                    return False
+                self._changed.wait(min(wait, deadline - now))
+
+
 class RunHandle:
     """A run in progress, which another thread can stop (overlap policy `replace`)."""
 
     def __init__(self, task: Task, slot: dt.datetime, kill_grace: float = Runner.KILL_GRACE_SECONDS,
-                 on_start: Optional[Callable[[int], None]] = None):
+                 on_start: Optional[Callable[[int], None]] = None, gate: Optional[StartGate] = None):
         self.task = task
+        # Entered here, left once the command started or the run ended without it.
+        self._gate = gate
+        if gate is not None:
+            gate.enter()
         self.slot = slot
         self.kill_grace = kill_grace
         self.cancelled = False
@@ -1807,6 +1927,13 @@ class RunHandle:
                               self.task.task_id, format_time(self.slot))
         if cancelled:
             self._kill_in_background(process)
+
+    def leave_gate(self) -> None:
+        """Count this run as no longer starting; later calls do nothing."""
+        with self._lock:
+            gate, self._gate = self._gate, None
+        if gate is not None:
+            gate.leave()
 
     def cancel(self) -> None:
         """Stop the run's process tree without blocking the caller."""
@@ -2339,9 +2466,13 @@ class ReportSender:
 
     BATCH_DELAY_SECONDS = 0.5
 
-    def __init__(self, store: StateStore, client: ServerClient):
+    # The longest a batch of reports waits for starting commands (see StartGate).
+    MAX_START_WAIT_SECONDS = 0.25
+
+    def __init__(self, store: StateStore, client: ServerClient, gate: Optional["StartGate"] = None):
         self.store = store
         self.client = client
+        self._gate = gate
         self.backoff = Backoff()
         self._wakeup = threading.Event()
         self._server_back = threading.Event()
@@ -2352,6 +2483,10 @@ class ReportSender:
     def send_pending(self) -> bool:
         """Send every unreported run once; return False if the server could not be reached."""
         while True:
+            # The wait comes before the batch is read: a full outbox may drop a report
+            # that was read and not yet sent, which would then count as dropped and sent.
+            if self._gate is not None:
+                self._gate.wait_until_idle(self.MAX_START_WAIT_SECONDS)
             batch = self.store.unreported()
             if not batch:
                 return True
@@ -2399,28 +2534,34 @@ class ReportSender:
 
 
 class ResultWriter:
-    """Writes finished runs to the state store on a thread of its own.
+    """Writes finished runs and the process groups of started runs on a thread of its own.
 
     A worker hands its result over and is free for the next run at once. Results that
     arrive while a write is going share the next transaction, so a burst of runs pays
-    for a few fsyncs, not one each. A result still queued when the agent is killed is
-    lost with it, and its run is reported as lost at the next start, as for a kill
-    during the run.
+    for a few fsyncs, not one each. Before each write the thread waits, for at most
+    `MAX_START_WAIT_SECONDS`, until no run is starting (see StartGate). A result still
+    queued when the agent is killed is lost with it, and its run is reported as lost at
+    the next start, as for a kill during the run.
     """
 
-    def __init__(self, store: StateStore, on_written: Callable[[], None]):
+    # Runs queued behind --max-concurrent-runs count as starting, so a full agent would
+    # hold results back for good without this bound.
+    MAX_START_WAIT_SECONDS = 0.25
+
+    def __init__(self, store: StateStore, on_written: Callable[[], None], gate: Optional[StartGate] = None):
         self.store = store
         self._on_written = on_written
-        self._queue: "queue.SimpleQueue[Optional[RunResult]]" = queue.SimpleQueue()
+        self._gate = gate
+        self._queue: "queue.SimpleQueue[RunResult | ProcessGroup | None]" = queue.SimpleQueue()
         self._thread: Optional[threading.Thread] = None
         self._start_lock = threading.Lock()
 
-    def submit(self, result: RunResult) -> None:
+    def submit(self, item: "RunResult | ProcessGroup") -> None:
         with self._start_lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._write_forever, name="results", daemon=True)
                 self._thread.start()
-        self._queue.put(result)
+        self._queue.put(item)
 
     def close(self) -> None:
         """Write every result submitted so far, then end the thread."""
@@ -2433,16 +2574,30 @@ class ResultWriter:
     def _write_forever(self) -> None:
         while True:
             batch = [self._queue.get()]
-            while True:
+            if batch[0] is not None and self._gate is not None:
+                self._gate.wait_until_idle(self.MAX_START_WAIT_SECONDS)
+            while batch[-1] is not None:
                 try:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            results = [result for result in batch if result is not None]
+            groups = [item for item in batch if isinstance(item, ProcessGroup)]
+            if groups:
+                self._write_groups(groups)
+            results = [item for item in batch if isinstance(item, RunResult)]
             if results:
                 self._write(results)
-            if len(results) < len(batch):
+            if batch[-1] is None:
                 return
+
+    def _write_groups(self, groups: list[ProcessGroup]) -> None:
+        try:
+            self.store.record_process_groups(groups)
+        except Exception:
+            # Only the clean-up of leftover processes after a kill of the agent needs them.
+            log.exception("could not store the process groups of %d runs: %s", len(groups),
+                          ", ".join(f"task {group.task_id} slot {format_time(group.slot)}"
+                                    for group in groups))
 
     def _write(self, results: list[RunResult]) -> None:
         try:
@@ -2467,6 +2622,8 @@ class Agent:
     # Pruning old run records keeps the store's lock for about 10 ms with 1,000 tasks, so
     # it runs after a sync at most this often, not after every one.
     PRUNE_INTERVAL_SECONDS = 300.0
+    # The longest a sync waits for starting commands (see StartGate).
+    MAX_SYNC_START_WAIT_SECONDS = 0.25
 
     def __init__(self, server_url: "str | list[str]", state_dir: str, agent_id: Optional[str] = None,
                  push_url: Optional[str] = None, sync_interval: float = 5.0,
@@ -2487,11 +2644,16 @@ class Agent:
         self.push_verifier = PushVerifier()
         self._sync_requested = threading.Event()
         self.runner = Runner(self.agent_id, work_dir or os.path.join(state_dir, "work"), clock=self.clock)
-        self.sender = ReportSender(self.store, self.client)
-        self.results = ResultWriter(self.store, self.sender.notify)
+        # Background work (writes, syncs, reports) gives way to starting commands.
+        self.start_gate = StartGate()
+        self.sender = ReportSender(self.store, self.client, self.start_gate)
+        self.results = ResultWriter(self.store, self.sender.notify, self.start_gate)
         self.scheduler = TaskScheduler(self.store, self.start_run, missed=self.record_missed,
                                        clock=self.clock, max_sleep=max(sync_interval, 1.0),
-                                       agent_id=self.agent_id)
+                                       agent_id=self.agent_id, batch=self.start_batch,
+                                       gate=self.start_gate)
+        # Runs that start_run accepted during a start_batch, waiting for their start records.
+        self._batched_runs: Optional[list[tuple[RunHandle, bool]]] = None
         self.pool = ThreadPoolExecutor(max_workers=max_concurrent_runs, thread_name_prefix="run")
         self.stop_event = threading.Event()
         self._running: dict[str, list[RunHandle]] = {}
@@ -2553,12 +2715,52 @@ class Agent:
             log.info("task %s slot %s queued: %d runs are going", task.task_id, format_time(slot),
                      self.max_concurrent_runs)
 
-        handle = RunHandle(task, slot, on_start=lambda process_group: self.store.record_process_group(
-            task.task_id, slot, process_group))
+        def started(process_group: int) -> None:
+            self.results.submit(ProcessGroup(task.task_id, slot, process_group))
+            handle.leave_gate()
+
+        handle = RunHandle(task, slot, on_start=started, gate=self.start_gate)
         with self._running_lock:
             self._running.setdefault(task.task_id, []).append(handle)
             self._active_runs += 1
+        # A run that waits for a free worker records its start when it gets one.
+        if self._batched_runs is not None and not busy:
+            self._batched_runs.append((handle, late))
+            return
         handle.future = self.pool.submit(self._run, handle, late)
+
+    @contextlib.contextmanager
+    def start_batch(self):
+        """Hold back the runs that start_run accepts until the block ends, then record all
+        their starts in one transaction and hand them to the workers.
+
+        The loop thread fires every due task in one batch: the workers of a burst then
+        start their commands at once instead of taking turns at the store.
+        """
+        self._batched_runs = []
+        try:
+            yield
+        finally:
+            batch, self._batched_runs = self._batched_runs, None
+            if batch:
+                self._submit_batch(batch)
+
+    def _submit_batch(self, batch: list[tuple[RunHandle, bool]]) -> None:
+        try:
+            inserted = self.store.record_starts([(handle.task.task_id, handle.slot) for handle, _late in batch])
+        except Exception:
+            log.exception("could not record the start of %d runs; they do not run: %s", len(batch),
+                          ", ".join(f"task {handle.task.task_id} slot {format_time(handle.slot)}"
+                                    for handle, _late in batch))
+            inserted = [None] * len(batch)
+        for (handle, late), fresh in zip(batch, inserted):
+            if fresh:
+                handle.future = self.pool.submit(self._run, handle, late, True)
+                continue
+            if fresh is False:
+                log.info("task %s slot %s already ran, not repeated", handle.task.task_id,
+                         format_time(handle.slot))
+            self._forget_run(handle)
 
     def start_manual_runs(self, tasks: list[Task], manual_runs: list[tuple[str, str, dt.datetime]]) -> None:
         """Start each manual run that this agent has not started before, once.
@@ -2614,12 +2816,12 @@ class Agent:
                         format_time(first), format_time(last))
             self.sender.notify()
 
-    def _run(self, handle: RunHandle, late: bool) -> None:
+    def _run(self, handle: RunHandle, late: bool, recorded: bool = False) -> None:
         task, slot = handle.task, handle.slot
         try:
-            # Recorded here rather than on the loop thread, so its disk write never delays
-            # the loop; the loop already claimed the slot in memory.
-            if not self.store.record_start(task.task_id, slot):
+            # A run outside a start batch records its start here; the loop already
+            # claimed the slot in memory.
+            if not recorded and not self.store.record_start(task.task_id, slot):
                 log.info("task %s slot %s already ran, not repeated", task.task_id, format_time(slot))
                 return
             result = self.runner.run(task, slot, handle)
@@ -2634,13 +2836,18 @@ class Agent:
             log.exception("task %s slot %s: the run failed inside the agent",
                           task.task_id, format_time(slot))
         finally:
-            with self._running_lock:
-                handles = self._running.get(task.task_id, [])
-                if handle in handles:
-                    handles.remove(handle)
-                if not handles:
-                    self._running.pop(task.task_id, None)
-                self._active_runs -= 1
+            self._forget_run(handle)
+
+    def _forget_run(self, handle: RunHandle) -> None:
+        """Remove a run that ended, or never started, from the running runs."""
+        handle.leave_gate()
+        with self._running_lock:
+            handles = self._running.get(handle.task.task_id, [])
+            if handle in handles:
+                handles.remove(handle)
+            if not handles:
+                self._running.pop(handle.task.task_id, None)
+            self._active_runs -= 1
 
     # Sync ------------------------------------------------------------------
 
@@ -2677,6 +2884,7 @@ class Agent:
         while not self.stop_event.is_set():
             # Cleared before the sync, so a wake-up that arrives during it leads to one more.
             self._sync_requested.clear()
+            self.start_gate.wait_until_idle(self.MAX_SYNC_START_WAIT_SECONDS)
             try:
                 synced = self.sync_once()
             except Exception:
@@ -2743,6 +2951,7 @@ class Agent:
             handles = [handle for handles in self._running.values() for handle in handles]
         for handle in handles:
             if handle.future is not None and handle.future.cancel():
+                handle.leave_gate()
                 self.store.record_finish(RunResult(
                     task_id=handle.task.task_id, scheduled_for=handle.slot, started_at=None,
                     finished_at=self.clock.now(), exit_code=None, status="skipped",

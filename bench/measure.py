@@ -11,12 +11,14 @@ import datetime as dt
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import time
 from pathlib import Path
 from typing import Optional
 
 UTC = dt.timezone.utc
+SPAWN_FLOOR_SOURCE = Path(__file__).resolve().parent / "spawn_floor.c"
 CLOCK_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 
 
@@ -221,6 +223,30 @@ def measure_group_floor(work_dir: Path, group_size: int, groups: int) -> Optiona
                 raise RuntimeError(f"the probe command failed with exit code {process.returncode}: "
                                    f"{command}: {stderr.decode(errors='replace').strip()}")
         time.sleep(0.2)
+    return summarize([record.lag_ms for record in read_start_records(record_path)])
+
+
+def measure_group_floor_c(work_dir: Path, group_size: int, groups: int) -> Optional[LagStats]:
+    """Start the probe command `group_size` times at once with bench/spawn_floor.c, `groups` times.
+
+    The same as `measure_group_floor`, from a small C program that only calls
+    posix_spawn: what this machine needs to start that many commands at one instant
+    whatever the language. Returns None, after saying why, where no C compiler or no
+    posix_spawn is found.
+    """
+    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        print("note: no C compiler (cc, gcc or clang) found; the C spawn floor is not measured")
+        return None
+    program = work_dir / "spawn_floor"
+    build = subprocess.run([compiler, "-O2", "-o", str(program), str(SPAWN_FLOOR_SOURCE)],
+                           capture_output=True, text=True)
+    if build.returncode != 0:
+        print(f"note: {SPAWN_FLOOR_SOURCE.name} did not compile; the C spawn floor is not measured: "
+              f"{build.stderr.strip()[:300]}")
+        return None
+    record_path = work_dir / f"probe-group-floor-c-{group_size}.txt"
+    subprocess.run([str(program), str(group_size), str(groups), probe_command(record_path)], check=True)
     return summarize([record.lag_ms for record in read_start_records(record_path)])
 
 

@@ -54,7 +54,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from measure import (  # noqa: E402
-    LagStats, StartRecord, Usage, UsageMeter, measure_group_floor, measure_probe_floor, measure_serial_spawn_ms,
+    LagStats, StartRecord, Usage, UsageMeter, measure_group_floor, measure_group_floor_c, measure_probe_floor,
+    measure_serial_spawn_ms,
     parse_rfc3339, probe_command, read_start_records, rfc3339, sleep_until, summarize,
 )
 from tests.processes import AgentProcess, Api, ServerProcess, child_environment  # noqa: E402
@@ -412,7 +413,8 @@ def report_agent_log(name: str, agent_log: AgentLog) -> None:
 
 
 def report_lag_scenario(scenario: Scenario, agent: ScenarioRun, baseline: Optional[ScenarioRun],
-                        floor: Optional[LagStats], group_floor: Optional[LagStats] = None) -> None:
+                        floor: Optional[LagStats], group_floor: Optional[LagStats] = None,
+                        group_floor_c: Optional[LagStats] = None) -> None:
     name = scenario.name
     rows = [
         lag_row("agent: command's own record", agent.stats, agent.expected, agent.usage),
@@ -425,6 +427,8 @@ def report_lag_scenario(scenario: Scenario, agent: ScenarioRun, baseline: Option
     rows.append(lag_row("floor: probe started directly", floor))
     if group_floor is not None:
         rows.append(lag_row(f"floor: {scenario.due_tasks} probes at once", group_floor))
+    if group_floor_c is not None:
+        rows.append(lag_row(f"floor: {scenario.due_tasks} at once from C", group_floor_c))
     print_table(LAG_HEADERS, rows)
     print(f"agent command: {agent.command_line}")
     print(f"agent measurement: {agent.duration_seconds:.0f} s, {agent.missing()} firings missing, "
@@ -456,6 +460,9 @@ def report_lag_scenario(scenario: Scenario, agent: ScenarioRun, baseline: Option
     if group_floor is not None:
         print_figure(f"{name}.group_floor.lag_p50", group_floor.p50, "ms")
         print_figure(f"{name}.group_floor.lag_p99", group_floor.p99, "ms")
+    if group_floor_c is not None:
+        print_figure(f"{name}.group_floor_c.lag_p50", group_floor_c.p50, "ms")
+        print_figure(f"{name}.group_floor_c.lag_p99", group_floor_c.p99, "ms")
     if baseline is None:
         return
     base = baseline.stats
@@ -475,7 +482,7 @@ def report_lag_scenario(scenario: Scenario, agent: ScenarioRun, baseline: Option
 
 
 def report_burst_rounds(agent: ScenarioRun, baseline: Optional[ScenarioRun], serial_spawn_ms: list[float],
-                        max_concurrent_runs: int) -> None:
+                        max_concurrent_runs: int, group_floor_c: Optional[LagStats] = None) -> None:
     serial = statistics.median(serial_spawn_ms)
     print(f"serial spawn of {SERIAL_SPAWN_COUNT} `/bin/sh -c true` with subprocess.run: "
           f"{', '.join(f'{total:.1f}' for total in serial_spawn_ms)} ms (median {serial:.1f} ms)")
@@ -497,6 +504,9 @@ def report_burst_rounds(agent: ScenarioRun, baseline: Optional[ScenarioRun], ser
             lags = [records[index].lag_ms for records in by_task.values() if len(records) > index]
             rows.append([f"schedule loop round {index + 1}", str(len(lags)),
                          format_ms(min(lags)), format_ms(max(lags)), f"{max(lags) / serial:.2f}"])
+    if group_floor_c is not None:
+        rows.append(["C floor, worst round", str(SCENARIOS["burst"].due_tasks), "-",
+                     format_ms(group_floor_c.maximum), f"{group_floor_c.maximum / serial:.2f}"])
     print_table(["burst round", "started", "first ms", "last ms", "last / serial"], rows)
 
     print_figure("burst.serial_spawn_200", serial, "ms")
@@ -590,12 +600,15 @@ def run_lag_scenario(scenario: Scenario, args: argparse.Namespace, directory: Pa
     group_floor = None
     if 1 < scenario.due_tasks <= GROUP_FLOOR_MAX_SIZE:
         group_floor = measure_group_floor(directory, scenario.due_tasks, rounds)
+    group_floor_c = None
+    if scenario.due_tasks > 1:
+        group_floor_c = measure_group_floor_c(directory, scenario.due_tasks, rounds)
     max_concurrent_runs = args.burst_max_concurrent_runs if scenario.name == "burst" else DEFAULT_MAX_CONCURRENT_RUNS
     agent = run_agent(scenario, rounds, directory / "agent", max_concurrent_runs)
     baseline = None if args.skip_baseline else run_baseline(scenario, rounds, directory / "baseline")
-    report_lag_scenario(scenario, agent, baseline, floor, group_floor)
+    report_lag_scenario(scenario, agent, baseline, floor, group_floor, group_floor_c)
     if scenario.name == "burst":
-        report_burst_rounds(agent, baseline, serial_spawn_ms, max_concurrent_runs)
+        report_burst_rounds(agent, baseline, serial_spawn_ms, max_concurrent_runs, group_floor_c)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
