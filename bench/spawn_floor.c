@@ -40,7 +40,7 @@ int main(int argc, char **argv) {
         return 2;
     }
 
-    /* The parent's environment without its own TASKSCHEDULER_ variables, plus two slots. */
+    /* The parent's environment without its TASKSCHEDULER_ variables, then the task id and the slot. */
     int count = 0;
     while (environ[count] != NULL) {
         count++;
@@ -52,14 +52,14 @@ int main(int argc, char **argv) {
         perror("calloc");
         return 1;
     }
-    int kept = 0;
+    int inherited = 0;
     for (int index = 0; index < count; index++) {
         if (!starts_with(environ[index], "TASKSCHEDULER_")) {
-            environment[kept++] = environ[index];
+            environment[inherited++] = environ[index];
         }
     }
     char slot_variable[VARIABLE_SIZE];
-    environment[kept + 1] = slot_variable;
+    environment[inherited + 1] = slot_variable;
 
     posix_spawnattr_t attributes;
     posix_spawnattr_init(&attributes);
@@ -78,7 +78,7 @@ int main(int argc, char **argv) {
 
         for (int index = 0; index < group_size; index++) {
             snprintf(task_ids[index], VARIABLE_SIZE, "TASKSCHEDULER_TASK_ID=c-floor-%d-%d", group, index);
-            environment[kept] = task_ids[index];
+            environment[inherited] = task_ids[index];
             int error = posix_spawn(&pids[index], "/bin/sh", NULL, &attributes, arguments, environment);
             if (error != 0) {
                 fprintf(stderr, "posix_spawn: %s\n", strerror(error));
