@@ -7,7 +7,9 @@ creates tasks over HTTP, and lets every command record its own start time:
 
 Start lag is that recorded time minus the slot instant. The same command started by
 `subprocess.Popen` straight from this script gives the floor of the method: the lag that
-the spawn, the shell and `date` add on their own.
+the spawn, the shell and `date` add on their own. Scenarios whose tasks share a slot also
+start that many commands at once from a bare Python loop and from bench/spawn_floor.c,
+which calls only posix_spawn (where a C compiler is installed).
 
 Scenarios, chosen with `--scenario` (`all` runs one, thousand, burst and idle):
 
