@@ -1528,14 +1528,20 @@ class TaskScheduler:
 
     def run_forever(self, stop: threading.Event) -> None:
         """Run the loop until `stop` is set, sleeping until the next due job."""
-        while not stop.is_set():
-            idle = self.run_pending()
-            timeout = self.max_sleep if idle is None else min(max(idle, 0.0), self.max_sleep)
-            if timeout > self.SPIN_SECONDS:
-                if self._wakeup.wait(timeout - self.SPIN_SECONDS):
-                    self._wakeup.clear()
-                continue
-            self._spin(timeout)
+        try:
+            while not stop.is_set():
+                idle = self.run_pending()
+                timeout = self.max_sleep if idle is None else min(max(idle, 0.0), self.max_sleep)
+                if timeout > self.SPIN_SECONDS:
+                    if self._wakeup.wait(timeout - self.SPIN_SECONDS):
+                        self._wakeup.clear()
+                    continue
+                self._spin(timeout)
+        finally:
+            # A stopped loop fires nothing more. Left set, its last planned start would
+            # keep the gate busy for good, and every later wait would last its full bound.
+            if self._gate is not None:
+                self._gate.expect(math.inf)
 
     def _spin(self, seconds: float) -> None:
         """Wait `seconds` without sleeping, giving up the interpreter lock on each turn.
