@@ -1856,8 +1856,8 @@ class Runner:
 class StartGate:
     """Counts the runs handed to the workers whose command has not started yet.
 
-    Writes that can wait (results and process groups), and the reports they lead to,
-    wait until no run is starting and none started in the last `QUIET_SECONDS`. So
+    Writes that can wait (results), syncs and the reports that results lead to, wait
+    until no run is starting and none started in the last `QUIET_SECONDS`. So
     they do not hold the store's write lock, with its fsync, while the runs of a slot
     record their starts, nor take the CPU while the new commands load.
     """
@@ -2560,8 +2560,9 @@ class ResultWriter:
 
     A worker hands its result over and is free for the next run at once. Results that
     arrive while a write is going share the next transaction, so a burst of runs pays
-    for a few fsyncs, not one each. Before each write the thread waits, for at most
-    `MAX_START_WAIT_SECONDS`, until no run is starting (see StartGate). A result still
+    for a few fsyncs, not one each. Before it writes results the thread waits, for at
+    most `MAX_START_WAIT_SECONDS`, until no run is starting (see StartGate). Process
+    groups are written without that wait. A result still
     queued when the agent is killed is lost with it, and its run is reported as lost at
     the next start, as for a kill during the run.
     """
@@ -2595,24 +2596,34 @@ class ResultWriter:
 
     def _write_forever(self) -> None:
         while True:
-            batch = [self._queue.get()]
-            if batch[0] is not None and self._gate is not None:
-                self._gate.wait_until_idle(self.MAX_START_WAIT_SECONDS)
-            while batch[-1] is not None:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            groups = [item for item in batch if isinstance(item, ProcessGroup)]
-            if groups:
-                self._write_groups(groups)
+            batch = self._take([self._queue.get()])
+            # Process groups do not wait for the gate: until one is stored, a kill of the
+            # agent leaves its run's processes behind. Their write has no fsync.
+            self._write_groups([item for item in batch if isinstance(item, ProcessGroup)])
             results = [item for item in batch if isinstance(item, RunResult)]
+            if results and batch[-1] is not None and self._gate is not None:
+                self._gate.wait_until_idle(self.MAX_START_WAIT_SECONDS)
+                later = self._take([])
+                self._write_groups([item for item in later if isinstance(item, ProcessGroup)])
+                results += [item for item in later if isinstance(item, RunResult)]
+                batch += later
             if results:
                 self._write(results)
-            if batch[-1] is None:
+            if batch and batch[-1] is None:
                 return
 
+    def _take(self, batch: list) -> list:
+        """Append the queued items to `batch` without blocking, up to the end mark (None)."""
+        while not batch or batch[-1] is not None:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
     def _write_groups(self, groups: list[ProcessGroup]) -> None:
+        if not groups:
+            return
         try:
             self.store.record_process_groups(groups)
         except Exception:

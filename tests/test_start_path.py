@@ -303,7 +303,7 @@ def test_loop_fires_job_due_within_spin(state_dir):
 
 
 # ---------------------------------------------------------------------------
-# The gate after the loop stops
+# The gate after the loop stops, and process groups of started runs
 # ---------------------------------------------------------------------------
 
 
@@ -356,3 +356,30 @@ def test_stopped_loop_leaves_gate_idle(tmp_path):
         tested_agent.store.close()
     finally:
         server.stop()
+
+
+@linux_only
+def test_restart_after_start_finds_group(make_agent):
+    tested_agent = make_agent()
+    marker = os.path.join(tested_agent.runner.work_dir, "started.txt")
+    task = Task("t1", "echo $$ > started.txt; exec sleep 30", "every 1 seconds", timeout=60)
+
+    with tested_agent.start_batch():
+        tested_agent.start_run(task, SLOT)
+    deadline = time.monotonic() + 10.0
+    while not os.path.exists(marker) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    # The command has run its first line. The process group must be stored by now, because
+    # an agent killed at this point needs it at restart to kill the run's processes.
+    time.sleep(0.02)
+    with sqlite3.connect(tested_agent.store.path) as other:
+        (stored,) = other.execute("SELECT process_group FROM runs WHERE task_id = 't1'").fetchone()
+
+    for handles in tested_agent._running.values():
+        for handle in handles:
+            handle.cancel()
+    tested_agent.wait_for_runs()
+
+    with open(marker) as marker_file:
+        shell_pid = int(marker_file.read())
+    assert stored == shell_pid
