@@ -2562,9 +2562,9 @@ class ResultWriter:
     arrive while a write is going share the next transaction, so a burst of runs pays
     for a few fsyncs, not one each. Before it writes results the thread waits, for at
     most `MAX_START_WAIT_SECONDS`, until no run is starting (see StartGate). Process
-    groups are written without that wait. A result still
-    queued when the agent is killed is lost with it, and its run is reported as lost at
-    the next start, as for a kill during the run.
+    groups are written without that wait. A result still queued when the agent is
+    killed is lost with it, and its run is reported as lost at the next start, as for a
+    kill during the run.
     """
 
     # Runs queued behind --max-concurrent-runs count as starting, so a full agent would
