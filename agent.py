@@ -1119,9 +1119,6 @@ class StateStore:
             dropped = int(self._get_meta_locked("outbox_dropped") or 0)
         return {"outbox_depth": depth, "outbox_dropped": dropped}
 
-    def record_process_group(self, task_id: str, slot: dt.datetime, process_group: int) -> None:
-        self.record_process_groups([ProcessGroup(task_id, slot, process_group)])
-
     def record_process_groups(self, groups: list["ProcessGroup"]) -> None:
         """Store the process group of started runs, in one transaction without an fsync."""
         rows = [(group.process_group, group.task_id, _slot_key(group.slot)) for group in groups]
