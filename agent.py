@@ -1170,8 +1170,30 @@ class StateStore:
                 self.mark_reported(task_id, slot)
         return reports
 
-    def mark_reported(self, task_id: str, slot_key: str) -> None:
+    def is_unsent(self, task_id: str, slot_key: str) -> bool:
+        """Return whether a report is still waiting in the outbox (not sent, not dropped)."""
         with self._lock:
+            return self._is_unsent_locked(task_id, slot_key)
+
+    def _is_unsent_locked(self, task_id: str, slot_key: str) -> bool:
+        row = self._connection.execute(
+            "SELECT reported FROM runs WHERE task_id = ? AND scheduled_for = ?", (task_id, slot_key)
+        ).fetchone()
+        return row is not None and row[0] == 0
+
+    def mark_reported(self, task_id: str, slot_key: str, delivered: bool = False) -> None:
+        """Remove a report from the outbox. `delivered`: the server accepted it.
+
+        A delivered report that the outbox bound dropped while it was being sent no longer
+        counts as dropped.
+        """
+        with self._lock:
+            if delivered and not self._is_unsent_locked(task_id, slot_key):
+                dropped = int(self._get_meta_locked("outbox_dropped") or 0)
+                if dropped > 0:
+                    self._connection.execute(
+                        "UPDATE meta SET value = ? WHERE key = 'outbox_dropped'", (str(dropped - 1),)
+                    )
             self._fast.execute(
                 "UPDATE runs SET reported = 1, body = NULL WHERE task_id = ? AND scheduled_for = ?",
                 (task_id, slot_key),
@@ -2502,29 +2524,38 @@ class ReportSender:
     def send_pending(self) -> bool:
         """Send every unreported run once; return False if the server could not be reached."""
         while True:
-            # The wait comes before the batch is read: a full outbox may drop a report
-            # that was read and not yet sent, which would then count as dropped and sent.
+            # Reports give way to starting commands (see StartGate).
             if self._gate is not None:
                 self._gate.wait_until_idle(self.MAX_START_WAIT_SECONDS)
             batch = self.store.unreported()
             if not batch:
                 return True
             for task_id, slot_key, payload in batch:
-                report_task_id, _, manual_run_id = task_id.partition(MANUAL_RUN_SEPARATOR)
-                if manual_run_id:
-                    payload = dict(payload, trigger="manual", manual_run_id=manual_run_id)
-                try:
-                    self.client.complete(report_task_id, payload)
-                except ServerError as error:
-                    if error.status is not None and 400 <= error.status < 500 \
-                            and error.status not in (401, 408, 429):
-                        log.warning("report of task %s slot %s rejected, dropped: %s",
-                                    task_id, payload.get("scheduled_for"), error)
-                    else:
-                        log.warning("report of task %s slot %s not sent, will retry: %s",
-                                    task_id, payload.get("scheduled_for"), error)
-                        return False
-                self.store.mark_reported(task_id, slot_key)
+                # The outbox bound may have dropped this report since the batch was read.
+                if self.store.is_unsent(task_id, slot_key) and not self._send(task_id, slot_key, payload):
+                    return False
+
+    def _send(self, task_id: str, slot_key: str, payload: dict) -> bool:
+        """Send one report and take it out of the outbox; return False if it must be sent again later."""
+        report_task_id, _, manual_run_id = task_id.partition(MANUAL_RUN_SEPARATOR)
+        if manual_run_id:
+            payload = dict(payload, trigger="manual", manual_run_id=manual_run_id)
+        try:
+            self.client.complete(report_task_id, payload)
+        except ServerError as error:
+            rejected = error.status is not None and 400 <= error.status < 500 \
+                and error.status not in (401, 408, 429)
+            if not rejected:
+                log.warning("report of task %s slot %s not sent, will retry: %s",
+                            task_id, payload.get("scheduled_for"), error)
+                return False
+            log.warning("report of task %s slot %s rejected, dropped: %s",
+                        task_id, payload.get("scheduled_for"), error)
+            self.store.mark_reported(task_id, slot_key)
+            return True
+
+        self.store.mark_reported(task_id, slot_key, delivered=True)
+        return True
 
     def server_reachable(self) -> None:
         """Cut a retry wait short: a sync just reached the server."""

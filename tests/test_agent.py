@@ -271,6 +271,53 @@ def test_mark_reported_removes_from_outbox(state_dir):
     reopened.close()
 
 
+def test_report_dropped_while_sent_not_counted(state_dir):
+    store = StateStore(state_dir, outbox_size=2)
+    slots = [utc(2026, 1, 1, 12, minute) for minute in range(3)]
+    for slot in slots[:2]:
+        store.record_start("t1", slot)
+        store.record_finish(finished_run("t1", slot))
+    oldest_task_id, oldest_slot_key, _payload = store.unreported()[0]
+
+    # A third result arrives while the oldest report is on its way to the server, which
+    # then accepts it.
+    store.record_start("t1", slots[2])
+    store.record_finish(finished_run("t1", slots[2]))
+    dropped_during_send = store.outbox_stats()["outbox_dropped"]
+    store.mark_reported(oldest_task_id, oldest_slot_key, delivered=True)
+
+    assert dropped_during_send == 1
+    assert store.outbox_stats()["outbox_dropped"] == 0
+    assert [slot_key for _task_id, slot_key, _payload in store.unreported()] == \
+        [agent._slot_key(slot) for slot in slots[1:]]
+    store.close()
+
+
+def test_rejected_dropped_report_stays_counted(state_dir):
+    store = StateStore(state_dir, outbox_size=1)
+    slots = [utc(2026, 1, 1, 12, minute) for minute in range(2)]
+    for slot in slots:
+        store.record_start("t1", slot)
+        store.record_finish(finished_run("t1", slot))
+
+    store.mark_reported("t1", agent._slot_key(slots[0]))
+
+    assert store.outbox_stats()["outbox_dropped"] == 1
+    store.close()
+
+
+def test_is_unsent_false_for_dropped_report(state_dir):
+    store = StateStore(state_dir, outbox_size=1)
+    slots = [utc(2026, 1, 1, 12, minute) for minute in range(2)]
+    for slot in slots:
+        store.record_start("t1", slot)
+        store.record_finish(finished_run("t1", slot))
+
+    assert store.is_unsent("t1", agent._slot_key(slots[0])) is False
+    assert store.is_unsent("t1", agent._slot_key(slots[1])) is True
+    store.close()
+
+
 # ---------------------------------------------------------------------------
 # Agent id
 # ---------------------------------------------------------------------------
